@@ -1,0 +1,111 @@
+"""Verdicts: p(unsafe) for one prompt or many.
+
+Batch scoring sorts prompts by token length and scores them in buckets, so short prompts are not
+padded to the longest one, and runs under `torch.inference_mode()` without attention outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from guardian.judge import CHARS_PER_TOKEN_CAP, Judge, JudgeError
+
+THRESHOLD = 0.5
+Progress = Callable[[int, int], None]  # (prompts done, prompts in all)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A judge's reading of one prompt."""
+
+    prompt: str
+    tokens: tuple[str, ...]
+    probabilities: np.ndarray  # per class, sums to 1
+    label_names: tuple[str, ...]
+    p_unsafe: float
+    truncated: bool
+
+    @property
+    def unsafe(self) -> bool:
+        return self.p_unsafe >= THRESHOLD
+
+    @property
+    def label(self) -> str:
+        return "unsafe" if self.unsafe else "safe"
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame({"class": list(self.label_names), "probability": self.probabilities})
+
+
+@dataclass(frozen=True)
+class Scores:
+    """p(unsafe) for a list of prompts, in the order given."""
+
+    prompts: tuple[str, ...]
+    p_unsafe: np.ndarray
+    truncated: np.ndarray
+
+    def predictions(self, threshold: float = THRESHOLD) -> np.ndarray:
+        return (self.p_unsafe >= threshold).astype(int)
+
+    def to_frame(self) -> pd.DataFrame:
+        return pd.DataFrame(
+            {"prompt": list(self.prompts), "p_unsafe": self.p_unsafe,
+             "verdict": np.where(self.predictions() == 1, "unsafe", "safe"), "truncated": self.truncated}
+        )
+
+
+def check_prompt(text: str) -> str:
+    """The prompt as given, or a clear error when there is nothing to judge."""
+    if not isinstance(text, str):
+        raise JudgeError("The prompt must be text.")
+    if not text.strip():
+        raise JudgeError("The prompt is empty. Type something for the judge to read.")
+    return text
+
+
+def verdict(judge: Judge, text: str) -> Verdict:
+    """Class probabilities of one prompt."""
+    text = check_prompt(text)
+    encoded = judge.encode([text])
+    logits = judge.logits(encoded.inputs)[0]
+    return Verdict(
+        prompt=text, tokens=tuple(encoded.tokens[0]),
+        probabilities=torch.softmax(logits, -1).numpy(), label_names=tuple(judge.label_names),
+        p_unsafe=float(judge.p_unsafe(logits)), truncated=encoded.truncated[0],
+    )
+
+
+def score_prompts(judge: Judge, texts: Sequence[str], batch_size: int = 64,
+                  progress: Progress | None = None) -> Scores:
+    """p(unsafe) for every prompt, scored in length-sorted batches."""
+    texts = [str(t) if t is not None else "" for t in texts]
+    n = len(texts)
+    p_unsafe = np.zeros(n, dtype=np.float64)
+    truncated = np.zeros(n, dtype=bool)
+    lengths = _token_lengths(judge, texts)
+    order = np.argsort(lengths, kind="stable")
+    done = 0
+    for start in range(0, n, batch_size):
+        index = order[start:start + batch_size]
+        encoded = judge.encode([texts[i] for i in index])
+        logits = judge.logits(encoded.inputs)
+        p_unsafe[index] = judge.p_unsafe(logits).double().numpy()
+        truncated[index] = encoded.truncated
+        done += len(index)
+        if progress is not None:
+            progress(done, n)
+    return Scores(prompts=tuple(texts), p_unsafe=p_unsafe, truncated=truncated)
+
+
+def _token_lengths(judge: Judge, texts: list[str]) -> np.ndarray:
+    if not texts:
+        return np.zeros(0, dtype=int)
+    cap = judge.max_tokens * CHARS_PER_TOKEN_CAP
+    ids = judge.tokenizer([t[:cap] for t in texts], add_special_tokens=False)["input_ids"]
+    return np.minimum([len(x) for x in ids], judge.max_tokens)
