@@ -156,19 +156,15 @@ def load_judge(source: str = "base", adapter: str | os.PathLike | None = None, *
 
     `source` is "base" or "lora" (the bundled judges, or what `GUARDIAN_MODEL` and
     `GUARDIAN_ADAPTER` point at), a local model folder, or a hub id. `adapter` is an optional peft
-    adapter folder merged on top.
+    adapter folder merged on top (for "lora" it replaces the LoRA judge's adapter).
     """
     if source in ("base", "lora"):
-        base, lora = load_bundled_judges(max_tokens=max_tokens)
-        judge = base if source == "base" else lora
-        if adapter is None:
-            return judge
-        model, tokenizer = judge.model, judge.tokenizer
-        description = judge.description
-    else:
-        model, tokenizer = load_model_folder(source)
-        description = str(source)
-    deltas = None
+        base = load_base_judge(max_tokens=max_tokens)
+        if source == "lora" or adapter is not None:
+            return load_lora_judge(base, adapter)
+        return base
+    model, tokenizer = load_model_folder(source)
+    description, deltas = str(source), None
     if adapter is not None:
         model, deltas = apply_adapter(model, adapter)
         description += f" + adapter {adapter}"
@@ -176,21 +172,34 @@ def load_judge(source: str = "base", adapter: str | os.PathLike | None = None, *
                   max_tokens=max_tokens, deltas=deltas, description=description)
 
 
-def load_bundled_judges(max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[Judge, Judge]:
-    """The base judge and the LoRA judge (honouring `GUARDIAN_MODEL` and `GUARDIAN_ADAPTER`)."""
-    custom = os.environ.get(ENV_MODEL, "").strip()
+def load_base_judge(source: str | None = None, max_tokens: int = DEFAULT_MAX_TOKENS) -> Judge:
+    """The base judge: `source` (a model folder or hub id), else `GUARDIAN_MODEL`, else the bundled one."""
+    custom = (source or os.environ.get(ENV_MODEL, "")).strip()
     if custom:
         model, tokenizer = load_model_folder(custom)
-        base_description = f"custom judge {custom}"
+        description = f"custom judge {custom}"
     else:
         model, tokenizer = load_bundled_base()
-        base_description = "bundled base judge (all-MiniLM-L6-v2 fine-tuned)"
-    adapter = Path(os.environ.get(ENV_ADAPTER, "").strip() or LORA_ADAPTER_DIR)
-    lora_model, deltas = apply_adapter(model, adapter)
-    base = _judge("base", model, tokenizer, max_tokens=max_tokens, description=base_description)
-    lora = _judge("lora", lora_model, tokenizer, max_tokens=max_tokens, deltas=deltas,
-                  description=f"{base_description} + LoRA adapter {adapter.name if adapter == LORA_ADAPTER_DIR else adapter}")
-    return base, lora
+        description = "bundled base judge (all-MiniLM-L6-v2 fine-tuned)"
+    return _judge("base", model, tokenizer, max_tokens=max_tokens, description=description)
+
+
+def load_lora_judge(base: Judge, adapter: str | os.PathLike | None = None) -> Judge:
+    """The base judge plus a LoRA adapter: `adapter`, else `GUARDIAN_ADAPTER`, else the bundled one."""
+    chosen = adapter or os.environ.get(ENV_ADAPTER, "").strip()
+    if not chosen and not base.description.startswith("bundled"):
+        raise JudgeError("The bundled LoRA adapter only fits the bundled base judge; name an adapter for this model.")
+    path = Path(chosen) if chosen else LORA_ADAPTER_DIR
+    model, deltas = apply_adapter(base.model, path)
+    label = "bundled LoRA adapter" if path == LORA_ADAPTER_DIR else f"adapter {path}"
+    return _judge("lora", model, base.tokenizer, unsafe_labels=base.unsafe_labels, max_tokens=base.max_tokens,
+                  deltas=deltas, description=f"{base.description} + {label}")
+
+
+def load_bundled_judges(max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[Judge, Judge]:
+    """The base judge and the LoRA judge (honouring `GUARDIAN_MODEL` and `GUARDIAN_ADAPTER`)."""
+    base = load_base_judge(max_tokens=max_tokens)
+    return base, load_lora_judge(base)
 
 
 def read_manifest() -> dict:
