@@ -16,12 +16,14 @@ dimension of their first positional argument).
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from torch import nn
 
 from guardian.judge import Judge, JudgeError
 from guardian.scoring import check_prompt
@@ -30,6 +32,7 @@ DEFAULT_ROWS_PER_PASS = 96  # ablated copies of the prompt run together in one f
 WORD_START_MARKERS = ("Ġ", "▁")  # byte-level BPE (GPT-2) and SentencePiece (Llama) word starts
 CONTINUATION_MARKER = "##"  # WordPiece (BERT) continuation pieces
 SPECIAL_TOKEN = re.compile(r"\[[A-Za-z_]+\]|<[^<>\s]+>")  # [CLS], <s>, <|endoftext|>, ...
+
 
 Head = tuple[int, int]  # (layer, head)
 

@@ -74,6 +74,26 @@ class Judge:
         if len(set(self.unsafe_labels)) == n:
             raise JudgeError("At least one class must mean safe.")
         self.max_tokens = min(self.max_tokens, self._model_token_limit())
+        self._resident_hooks = self._prime_output_capture()
+
+    def _prime_output_capture(self) -> frozenset:
+        """Let transformers install its permanent output-capturing hooks now, and remember them.
+
+        transformers adds inert forward hooks the first time attentions or hidden states are
+        asked for. Installing them at load time means every hook found later is one of ours.
+        """
+        try:
+            with self.lock, torch.inference_mode():
+                self.model(**self.encode(["a"]).inputs, output_attentions=True, output_hidden_states=True)
+        except Exception:  # a model that cannot return attentions still serves verdicts
+            pass
+        return frozenset(_hook_keys(self.model))
+
+    def leftover_hooks(self) -> list[str]:
+        """Names of modules carrying hooks that were not there at load time (should be none)."""
+        resident = self._resident_hooks
+        return sorted({name for name, module in self.model.named_modules()
+                       for key in _module_hook_keys(module) if (id(module), key) not in resident})
 
     # ----- structure -------------------------------------------------------------------------
     @property
@@ -205,6 +225,14 @@ class Judge:
             finally:
                 for handle in handles:
                     handle.remove()
+
+
+def _module_hook_keys(module: nn.Module) -> list[tuple[str, int]]:
+    return [("forward", k) for k in module._forward_hooks] + [("pre", k) for k in module._forward_pre_hooks]
+
+
+def _hook_keys(model: nn.Module) -> set[tuple[int, tuple[str, int]]]:
+    return {(id(m), key) for m in model.modules() for key in _module_hook_keys(m)}
 
 
 def _config_int(config, *names: str) -> int:
