@@ -1,6 +1,6 @@
 """The project's own prompt sets (written by this team) and reading labelled prompt files.
 
-Training data: `data/train_unsafe.csv` and `data/train_safe.csv` (the base judge) and
+Training data: `data/train_*.csv` (the base judge: unsafe and safe prompts by category) and
 `data/patch.csv` (disguised unsafe and alarming-looking safe prompts, for the LoRA judge).
 Hold-out splits are chosen by a hash of the prompt, so they never depend on file order.
 """
@@ -17,7 +17,6 @@ from pathlib import Path
 import pandas as pd
 
 DATA_DIR = Path(__file__).parent / "data"
-BASE_FILES = ("train_unsafe.csv", "train_safe.csv")
 PATCH_FILE = "patch.csv"
 LABEL_WORDS = {"0": 0, "1": 1, "safe": 0, "unsafe": 1, "benign": 0, "harmful": 1, "false": 0, "true": 1}
 
@@ -39,9 +38,14 @@ def _read(name: str) -> pd.DataFrame:
     return frame[["prompt", "label", "category"]]
 
 
+def base_files() -> tuple[str, ...]:
+    """Names of the base judge's training files."""
+    return tuple(sorted(p.name for p in DATA_DIR.glob("train_*.csv")))
+
+
 def base_training_set() -> pd.DataFrame:
     """All hand-written prompts for the base judge: prompt, label, category."""
-    return pd.concat([_read(n) for n in BASE_FILES], ignore_index=True)
+    return pd.concat([_read(n) for n in base_files()], ignore_index=True)
 
 
 def patch_set() -> pd.DataFrame:

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from guardian import datasets
+from guardian import augment, datasets
 from guardian.loading import BASE_DELTA_DIR, JUDGES_DIR, LORA_ADAPTER_DIR, MANIFEST_PATH, _judge, load_backbone_classifier, load_bundled_base
 from guardian.metrics import binary_metrics
 from guardian.scoring import score_prompts
@@ -36,6 +36,7 @@ LORA_SETTINGS = LoraSettings(rank=8, alpha=16, dropout=0.05, target_modules=("qu
 VALIDATION_SHARE = 0.1
 PATCH_HOLDOUT_SHARE = 0.25
 REPLAY_PER_PATCH = 2
+TEMPLATED_PER_LABEL = 200
 
 
 def _progress(epoch: int, step: int, total: int, loss: float) -> None:
@@ -79,7 +80,7 @@ def train_base() -> dict:
     judge = _judge("base", merged, tokenizer)
     entry = {
         "artifacts": artifacts,
-        "data": {name: datasets.sha256_file(datasets.DATA_DIR / name) for name in datasets.BASE_FILES},
+        "data": {name: datasets.sha256_file(datasets.DATA_DIR / name) for name in datasets.base_files()},
         "counts": {"hand_written": len(data), "train": len(train), "validation": len(validation),
                    "unsafe": int(data["label"].sum()), "safe": int((data["label"] == 0).sum()),
                    "templated": 0, "categories": int(data["category"].nunique())},
@@ -100,8 +101,10 @@ def train_patch() -> dict:
     base_data = datasets.base_training_set()
     base_train, validation = datasets.split(base_data, VALIDATION_SHARE)
     replay = base_train.sample(n=min(len(base_train), REPLAY_PER_PATCH * len(patch_train)), random_state=LORA_SETTINGS.seed)
-    mix = pd.concat([patch_train, replay], ignore_index=True)
-    print(f"LoRA judge: {len(patch_train)} patch prompts + {len(replay)} replayed base prompts; "
+    templated = augment.expand(base_train, TEMPLATED_PER_LABEL, seed=LORA_SETTINGS.seed)
+    mix = pd.concat([patch_train, replay, templated], ignore_index=True)
+    print(f"LoRA judge: {len(patch_train)} patch prompts + {len(replay)} replayed base prompts "
+          f"+ {len(templated)} templated; "
           f"{len(patch_held)} patch prompts held back", flush=True)
     started = time.time()
     peft_model = train_lora(base_model, tokenizer, mix["prompt"].tolist(), mix["label"].tolist(), LORA_SETTINGS, _progress)
@@ -116,10 +119,11 @@ def train_patch() -> dict:
     broken = int((~base_wrong & (lora_pred != held_labels)).sum())
     entry = {
         "artifacts": artifacts,
-        "data": {name: datasets.sha256_file(datasets.DATA_DIR / name) for name in (datasets.PATCH_FILE, *datasets.BASE_FILES)},
+        "data": {name: datasets.sha256_file(datasets.DATA_DIR / name) for name in (datasets.PATCH_FILE, *datasets.base_files())},
         "counts": {"patch": len(patch), "patch_train": len(patch_train), "patch_held_back": len(patch_held),
-                   "replay": len(replay)},
-        "settings": {**LORA_SETTINGS.to_dict(), "patch_holdout_share": PATCH_HOLDOUT_SHARE, "replay_per_patch": REPLAY_PER_PATCH},
+                   "replay": len(replay), "templated": len(templated)},
+        "settings": {**LORA_SETTINGS.to_dict(), "patch_holdout_share": PATCH_HOLDOUT_SHARE, "replay_per_patch": REPLAY_PER_PATCH,
+                     "templated_per_label": TEMPLATED_PER_LABEL},
         "metrics": {
             "patch_held_back": {"base": _metrics(base, patch_held), "lora": _metrics(lora, patch_held),
                                 "base_errors": int(base_wrong.sum()), "fixed": fixed, "broken": broken,

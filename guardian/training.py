@@ -69,7 +69,8 @@ def train_lora(model: PreTrainedModel, tokenizer, texts: Sequence[str], labels: 
     optimiser = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     order_rng = np.random.default_rng(settings.seed)
     labels_t = torch.tensor(list(labels), dtype=torch.long)
-    batches_per_epoch = -(-len(texts) // settings.batch_size)
+    lengths = np.array([len(ids) for ids in tokenizer(list(texts), truncation=True, max_length=settings.max_tokens)["input_ids"]])
+    batches_per_epoch = len(length_bucketed_batches(lengths, settings.batch_size, np.random.default_rng(0)))
     total = batches_per_epoch * settings.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda step: min(1.0, (step + 1) / max(1, total // 10)) * max(0.0, (total - step) / total)
@@ -77,12 +78,10 @@ def train_lora(model: PreTrainedModel, tokenizer, texts: Sequence[str], labels: 
     peft_model.train()
     step = 0
     for epoch in range(settings.epochs):
-        order = order_rng.permutation(len(texts))
         running = 0.0
-        for b in range(batches_per_epoch):
+        for b, index in enumerate(length_bucketed_batches(lengths, settings.batch_size, order_rng)):
             if should_stop is not None and should_stop():
                 raise InterruptedError("Training was stopped.")
-            index = order[b * settings.batch_size:(b + 1) * settings.batch_size]
             enc = tokenizer([texts[i] for i in index], padding=True, truncation=True,
                             max_length=settings.max_tokens, return_tensors="pt")
             logits = peft_model(**enc).logits
@@ -98,6 +97,23 @@ def train_lora(model: PreTrainedModel, tokenizer, texts: Sequence[str], labels: 
                 progress(epoch + 1, step, total, running / (b + 1))
     peft_model.eval()
     return peft_model
+
+
+def length_bucketed_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+                            bucket_batches: int = 8) -> list[np.ndarray]:
+    """Shuffled batches of indices in which prompts have similar lengths (less padding).
+
+    The indices are shuffled, cut into buckets of `bucket_batches` batches, sorted by length
+    within each bucket and cut into batches; the batches are then shuffled.
+    """
+    order = rng.permutation(len(lengths))
+    batches = []
+    span = batch_size * bucket_batches
+    for start in range(0, len(order), span):
+        bucket = order[start:start + span]
+        bucket = bucket[np.argsort(lengths[bucket], kind="stable")]
+        batches.extend(bucket[i:i + batch_size] for i in range(0, len(bucket), batch_size))
+    return [batches[i] for i in rng.permutation(len(batches))]
 
 
 def _seed_everything(seed: int) -> None:
