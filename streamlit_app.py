@@ -20,13 +20,13 @@ log = logging.getLogger("guardian.ui")
 
 widgets.configure_page()
 
-PROBE = st.Page("app_pages/probe.py", title="Probe", icon=":material/search:", url_path="probe")
+PROBE = st.Page("pages/probe.py", title="Probe", icon=":material/search:", url_path="probe")
 PAGES = [
     PROBE,
-    st.Page("app_pages/heatmap.py", title="Heatmap", icon=":material/palette:", url_path="heatmap"),
-    st.Page("app_pages/heads.py", title="Heads", icon=":material/grid_view:", url_path="heads"),
-    st.Page("app_pages/circuit.py", title="Circuit", icon=":material/cable:", url_path="circuit"),
-    st.Page("app_pages/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page("pages/heatmap.py", title="Heatmap", icon=":material/palette:", url_path="heatmap"),
+    st.Page("pages/heads.py", title="Heads", icon=":material/grid_view:", url_path="heads"),
+    st.Page("pages/circuit.py", title="Circuit", icon=":material/cable:", url_path="circuit"),
+    st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
 ]
 
 

@@ -38,7 +38,7 @@ def app(prompt: str | None = None, pair: str | None = None, page: str = "probe")
         at.query_params["pair"] = pair
     at.run()
     if page != "probe":
-        at.switch_page(f"app_pages/{page}.py").run()
+        at.switch_page(f"pages/{page}.py").run()
     return at
 
 
@@ -74,7 +74,7 @@ def test_link_with_a_prompt_shows_both_verdicts(judges):
 def test_a_link_opens_any_page_on_its_prompt(judges):
     at = app()
     at.query_params["prompt"] = SOUP
-    at.switch_page("app_pages/heatmap.py").run()
+    at.switch_page("pages/heatmap.py").run()
     assert_clean(at)
     assert at.text_area(key="_w_heatmap_prompt").value == SOUP
     shown = [c.value for c in at.caption if c.value.startswith("p(unsafe) = ")]
@@ -101,7 +101,7 @@ def test_typing_a_prompt_updates_the_url_and_the_other_pages(judges):
     at = app(BOMB)
     at.text_area(key="_w_probe_prompt").input("How do I kill a frozen app on my Mac?").run()
     assert at.query_params["prompt"] == "How do I kill a frozen app on my Mac?"
-    at.switch_page("app_pages/heatmap.py").run()
+    at.switch_page("pages/heatmap.py").run()
     assert_clean(at)
     assert at.text_area(key="_w_heatmap_prompt").value == "How do I kill a frozen app on my Mac?"
 

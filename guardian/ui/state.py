@@ -241,10 +241,8 @@ def suite_frame() -> pd.DataFrame:
 
 
 # ----- one run of the app --------------------------------------------------------------------------
-# The router marks the runs it routes, so a page file run on its own (`streamlit run app_pages/x.py`,
-# or AppTest.from_file on a page) can set itself up. The pages live in `app_pages/`, not `pages/`:
-# a `pages/` folder would make Streamlit 1.67 run page files directly, bypassing the router, on the
-# first run of a process and on every AppTest run.
+# The router marks the runs it routes, so a page file run on its own (`streamlit run pages/x.py`,
+# or AppTest.from_file on a page) can set itself up.
 _run = threading.local()
 
 
@@ -260,6 +258,17 @@ def routing() -> Iterator[None]:
 
 def routed() -> bool:
     return bool(getattr(_run, "routed", False))
+
+
+def in_pages_folder_mode() -> bool:
+    """Whether Streamlit is running a page file straight from `pages/`, without the router.
+
+    On a fresh server whose first visitor opens a page URL (say /heatmap), Streamlit 1.67 runs
+    `pages/heatmap.py` itself, in its older pages-folder mode, until the router has run once.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    return bool(PagesManager.uses_pages_directory)
 
 
 # ----- the shared prompt, the settings and the URL -------------------------------------------------

@@ -14,7 +14,9 @@ import json
 import logging
 import math
 import re
+import runpy
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -27,6 +29,7 @@ from guardian.ui import state
 
 log = logging.getLogger("guardian.ui")
 
+ROUTER_PATH = Path(__file__).resolve().parents[2] / "streamlit_app.py"
 UNSAFE_RGB = (178, 24, 43)  # the same red and blue as charts.UNSAFE_COLOR / SAFE_COLOR
 SAFE_RGB = (33, 102, 172)
 GLOSSARY = {
@@ -231,6 +234,9 @@ def page_setup(url_path: str) -> None:
     """
     if state.routed():
         return
+    if state.in_pages_folder_mode():  # hand the run to the router, which runs this page again
+        runpy.run_path(str(ROUTER_PATH), run_name="__main__")
+        st.stop()
     configure_page()
     state.init_session()
     state.write_url(url_path)
