@@ -83,6 +83,18 @@ def results_frame(results: dict[str, dict[str, dict]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["judge", "group", *METRIC_COLUMNS])
 
 
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A DataFrame as a Markdown table; numbers to three decimals, missing values as '–'."""
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            return "–"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
 def _load(args) -> dict[str, Judge]:
     from guardian.loading import load_base_judge, load_lora_judge
 
@@ -99,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--judge", choices=["base", "lora", "both"], default="both")
     parser.add_argument("--model", help="model folder or hub id replacing the bundled base judge")
     parser.add_argument("--adapter", help="peft adapter folder for the LoRA judge")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    output.add_argument("--markdown", action="store_true", help="print a Markdown table (for the docs)")
     args = parser.parse_args(argv)
     try:
         table = labelled_prompts(read_prompt_table(args.data, max_rows=1_000_000, max_bytes=2**31))
@@ -110,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluate(judges, table)
     if args.json:
         print(json.dumps(results, indent=2))
+    elif args.markdown:
+        print(markdown_table(results_frame(results)))
     else:
         with pd.option_context("display.max_rows", None, "display.width", 200):
             print(results_frame(results).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
