@@ -26,6 +26,7 @@ sufficiency, tokens deleted from the sequence) and `agreement` compares two meth
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -320,6 +321,23 @@ def _words_from_marks(text, tokens, special):
             spans.append((start, cursor))
             words.append(text[start:cursor])
     return token_words, tuple(words), tuple(spans)
+
+
+def word_positions(judge: Judge, text: str, words: Sequence[str]) -> tuple[int, ...]:
+    """Token positions (in `judge.encode(text)`'s tokens) of the prompt's words that are among `words`.
+
+    Whole words, compared case-insensitively without punctuation; a phrase counts as its words;
+    special tokens are never words.
+    """
+    wanted = {_plain(w) for phrase in words for w in str(phrase).split()} - {""}
+    encoded = judge.encode([check_prompt(text)])
+    ids = encoded.inputs["input_ids"][0][encoded.inputs["attention_mask"][0].bool()].tolist()
+    token_words, found, _ = word_alignment(judge, text, ids, encoded.tokens[0], special_token_mask(judge, ids))
+    return tuple(i for i, w in enumerate(token_words) if w >= 0 and _plain(found[w]) in wanted)
+
+
+def _plain(word: str) -> str:
+    return re.sub(r"[\W_]+", "", word).lower()
 
 
 def merge_scores(token_scores: np.ndarray, token_words: Sequence[int], n_words: int) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 * `attention_patterns` — every head's attention weights over the prompt's real tokens.
 * `safety_token_attention` — how much attention each head pays a chosen set of tokens (a pure
-  function of the patterns; `token_positions_for_words` picks positions from words).
+  function of the patterns; `attribution.word_positions` turns words into token positions).
 * `head_ablation` — the change in p(unsafe) and in the unsafe log-odds when one head's output
   is zeroed, for every head, computed in a few batched passes.
 * `ablate_heads` — p(unsafe) with an explicit set of heads zeroed together.
@@ -15,23 +15,17 @@ dimension of their first positional argument).
 
 from __future__ import annotations
 
-import re
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from guardian.judge import Judge, JudgeError
 from guardian.scoring import check_prompt
 
 DEFAULT_ROWS_PER_PASS = 96  # ablated copies of the prompt run together in one forward pass
-WORD_START_MARKERS = ("Ġ", "▁")  # byte-level BPE (GPT-2) and SentencePiece (Llama) word starts
-CONTINUATION_MARKER = "##"  # WordPiece (BERT) continuation pieces
-SPECIAL_TOKEN = re.compile(r"\[[A-Za-z_]+\]|<[^<>\s]+>")  # [CLS], <s>, <|endoftext|>, ...
 
 
 Head = tuple[int, int]  # (layer, head)
@@ -139,48 +133,6 @@ def safety_token_attention(patterns: AttentionPatterns, token_indices: Iterable[
         raise JudgeError(f"Token positions must lie between 0 and {n - 1}.")
     paid = patterns.patterns[..., list(indices)].astype(np.float64).sum(-1)  # [layer, head, query]
     return HeadAttention(tokens=patterns.tokens, token_indices=indices, scores=paid.mean(-1))
-
-
-def token_positions_for_words(tokens: Sequence[str], words: Iterable[str]) -> tuple[int, ...]:
-    """Positions of every token belonging to one of `words` (case-insensitive, whole words).
-
-    Tokens are grouped into words by their markers (WordPiece ``##`` continuations, or the
-    ``Ġ``/``▁`` word starts of byte-level BPE and SentencePiece); punctuation is ignored when
-    comparing, and a phrase counts as its separate words.
-    """
-    wanted = {_plain(w) for phrase in words for w in str(phrase).split()} - {""}
-    return tuple(i for group in _word_groups(tokens)
-                 if not SPECIAL_TOKEN.fullmatch(tokens[group[0]])
-                 and _plain("".join(_strip_marker(tokens[i]) for i in group)) in wanted
-                 for i in group)
-
-
-def _word_groups(tokens: Sequence[str]) -> list[list[int]]:
-    starts_marked = any(t.startswith(WORD_START_MARKERS) for t in tokens)
-    groups: list[list[int]] = []
-    for i, token in enumerate(tokens):
-        continues = (not token.startswith(WORD_START_MARKERS) if starts_marked
-                     else token.startswith(CONTINUATION_MARKER))
-        if continues and i > 0 and _is_wordlike(tokens[i - 1]) and _is_wordlike(token):
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
-
-
-def _is_wordlike(token: str) -> bool:
-    return bool(_plain(token)) and not SPECIAL_TOKEN.fullmatch(token)
-
-
-def _strip_marker(token: str) -> str:
-    for marker in (*WORD_START_MARKERS, CONTINUATION_MARKER):
-        if token.startswith(marker):
-            return token[len(marker):]
-    return token
-
-
-def _plain(word: str) -> str:
-    return re.sub(r"[\W_]+", "", _strip_marker(word)).lower()
 
 
 # ----- head ablation ---------------------------------------------------------------------------

@@ -301,3 +301,15 @@ def test_bundled_judges_blame_the_harmful_words(bundled_judges):
         top_word = a.top_words(1)[0][0].lower()
         assert top_word in {"bomb", "kill", "pipe"}, a.top_words(3)
         assert a.delta_fraction < 0.1
+
+
+def test_word_positions_pick_whole_words_only(tiny_judge):
+    from guardian.attribution import word_positions
+
+    text = "The Bombing, then bombs."
+    tokens = tiny_judge.encode([text]).tokens[0]
+    positions = word_positions(tiny_judge, text, ["BOMBING!"])
+    assert "".join(tokens[i].removeprefix("##") for i in positions) == "bombing"
+    assert word_positions(tiny_judge, text, ["bomb"]) == ()  # whole words only
+    assert word_positions(tiny_judge, text, ["cls", "sep", "[CLS]"]) == ()  # special tokens are not words
+    assert len(word_positions(tiny_judge, text, ["then bombs"])) >= 2  # a phrase counts as its words

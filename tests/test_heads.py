@@ -17,8 +17,8 @@ from guardian.heads import (
     attention_patterns,
     head_ablation,
     safety_token_attention,
-    token_positions_for_words,
 )
+from guardian.attribution import word_positions
 from guardian.judge import Judge, JudgeError
 from guardian.scoring import verdict
 
@@ -89,7 +89,7 @@ def test_attention_needs_eager_attention(tokenizer):
 # ----- attention paid to chosen tokens ---------------------------------------------------------
 def test_safety_token_attention_grid_and_top(tiny_judge):
     patterns = attention_patterns(tiny_judge, PROMPT)
-    chosen = token_positions_for_words(patterns.tokens, ["bomb"])
+    chosen = word_positions(tiny_judge, PROMPT, ["bomb"])
     result = safety_token_attention(patterns, chosen)
     assert result.scores.shape == (tiny_judge.n_layers, tiny_judge.n_heads)
     # documented definition: mean over queries of the attention summed over the chosen keys
@@ -121,19 +121,6 @@ def test_safety_token_attention_rejects_bad_positions(tiny_judge):
         safety_token_attention(patterns, [])
     with pytest.raises(JudgeError):
         safety_token_attention(patterns, [len(patterns.tokens)])
-
-
-def test_token_positions_for_words_across_tokenizer_styles(tokenizer):
-    wordpiece = tokenizer.convert_ids_to_tokens(tokenizer("The Bombing, then bombs.")["input_ids"])
-    positions = token_positions_for_words(wordpiece, ["bombing"])
-    assert "".join(wordpiece[i].removeprefix("##") for i in positions) == "bombing"
-    assert token_positions_for_words(wordpiece, ["bomb"]) == ()  # whole words only
-    assert token_positions_for_words(wordpiece, ["cls", "sep"]) == ()  # special tokens are not words
-    byte_level = ["How", "Ġto", "Ġkil", "ling", "?", "<|endoftext|>"]
-    assert token_positions_for_words(byte_level, ["Killing"]) == (2, 3)
-    sentencepiece = ["<s>", "▁bo", "mb", "s", "▁now", "!"]
-    assert token_positions_for_words(sentencepiece, ["BOMBS!", "later"]) == (1, 2, 3)
-    assert token_positions_for_words(sentencepiece, ["bombs now"]) == (1, 2, 3, 4)
 
 
 # ----- head ablation ---------------------------------------------------------------------------
@@ -253,7 +240,7 @@ def test_bundled_judge_heads(bundled_judges):
     n = len(patterns.tokens)
     assert patterns.patterns.shape == (base.n_layers, base.n_heads, n, n)
     np.testing.assert_allclose(patterns.patterns.sum(-1), 1.0, atol=1e-4)
-    attention = safety_token_attention(patterns, token_positions_for_words(patterns.tokens, ["bomb"]))
+    attention = safety_token_attention(patterns, word_positions(base, PROMPT, ["bomb"]))
     assert attention.scores.shape == (base.n_layers, base.n_heads)
 
     result = head_ablation(lora, PROMPT)

@@ -36,6 +36,10 @@ PROMPT, PAIR = "prompt", "pair"
 URL_KEYS = (PROMPT, PAIR)
 SHOWN = "shown_judges"
 CUSTOM = "custom_judges"
+UPDATE = "loop_update_judge"
+PATCH = "loop_patch"
+PATCH_COLUMNS = ("prompt", "label")
+MAX_PATCH_ROWS = 500
 METHOD, BASELINE, STEPS = "method", "baseline", "steps"
 
 DEFAULTS: dict[str, Any] = {
@@ -57,6 +61,7 @@ BASELINE_NAMES = {
 }
 STEP_CHOICES = (4, 8, 16, 32, 50, 100)
 MAX_PROMPT_CHARS = 20_000  # longer text is cut (the judges read at most a few hundred tokens anyway)
+MAX_ADDED_PROMPTS = 100  # prompts a visitor may add to the comparison suite (bounds one request's work)
 
 # One custom model folder loads at a time in the whole process (they are large).
 _CUSTOM_LOAD_LOCK = threading.Lock()
@@ -110,8 +115,24 @@ def custom_slots() -> list[JudgeSlot]:
     return list(st.session_state.get(CUSTOM, [])) if custom_allowed() else []
 
 
+def update_slots() -> list[JudgeSlot]:
+    """This session's LoRA update from the Loop page (st.session_state only; gone on reset)."""
+    slot = st.session_state.get(UPDATE)
+    return [slot] if slot is not None else []
+
+
+def set_update(judge: Judge | None) -> JudgeSlot | None:
+    """Make `judge` this session's update (None drops it)."""
+    if judge is None:
+        st.session_state.pop(UPDATE, None)
+        return None
+    slot = JudgeSlot(f"update-{uuid.uuid4().hex[:8]}", "Your LoRA update (this session)", judge, session_only=True)
+    st.session_state[UPDATE] = slot
+    return slot
+
+
 def all_slots() -> list[JudgeSlot]:
-    return bundled_slots()[0] + custom_slots()
+    return bundled_slots()[0] + custom_slots() + update_slots()
 
 
 def load_custom_judge(folder: str, adapter: str = "") -> list[JudgeSlot]:
@@ -161,6 +182,34 @@ def slot_by_key(key: str) -> JudgeSlot | None:
     return next((s for s in all_slots() if s.key == key), None)
 
 
+# ----- the Loop page's patch set -------------------------------------------------------------------
+def patch_frame() -> pd.DataFrame:
+    """This session's patch set: prompt, label ('unsafe' or 'safe')."""
+    frame = st.session_state.get(PATCH)
+    if frame is None:
+        frame = pd.DataFrame({"prompt": pd.Series(dtype=str), "label": pd.Series(dtype=str)})
+    return frame
+
+
+def set_patch(frame: pd.DataFrame) -> None:
+    st.session_state[PATCH] = frame[list(PATCH_COLUMNS)].reset_index(drop=True)
+    st.session_state["_loop_editor_version"] = st.session_state.get("_loop_editor_version", 0) + 1
+
+
+def add_to_patch(text: str, label: str) -> str:
+    """Add a prompt with the label the user says is right; returns a sentence saying what happened."""
+    text = str(text or "").strip()[:MAX_PROMPT_CHARS]
+    frame = patch_frame()
+    if not text:
+        return "There is no prompt to add."
+    if ((frame["prompt"] == text) & (frame["label"] == label)).any():
+        return "This prompt is already in the patch set with that label."
+    if len(frame) >= MAX_PATCH_ROWS:
+        return f"The patch set is full ({MAX_PATCH_ROWS} prompts); delete some on the Loop page first."
+    set_patch(pd.concat([frame, pd.DataFrame({"prompt": [text], "label": [label]})], ignore_index=True))
+    return f"Added to the patch set as {label} ({len(frame) + 1} prompts)."
+
+
 # ----- cached analyses -----------------------------------------------------------------------------
 def _probe(judge: Judge, other: Judge | None, text: str, target_words: tuple[str, ...], limit: int):
     return probe.probe(judge, text, target_words, other_judge=other, limit=limit)
@@ -178,7 +227,7 @@ def _agreement(judge: Judge, text: str, method: str, other_method: str, baseline
 
 def _patterns_and_attention(judge: Judge, text: str, words: tuple[str, ...]):
     patterns = heads.attention_patterns(judge, text)
-    positions = heads.token_positions_for_words(patterns.tokens, words)
+    positions = attribution.word_positions(judge, text, words)
     return patterns, heads.safety_token_attention(patterns, positions) if positions else None
 
 
@@ -334,5 +383,8 @@ def prompt() -> str:
 
 
 def settings() -> tuple[str, str, int]:
-    """The attribution method, baseline and number of integration steps chosen."""
-    return str(get(METHOD)), str(get(BASELINE)), int(get(STEPS))
+    """The attribution method, baseline and number of integration steps chosen (steps kept to STEP_CHOICES)."""
+    steps = int(get(STEPS))
+    if steps not in STEP_CHOICES:
+        steps = min(STEP_CHOICES, key=lambda s: abs(s - steps))
+    return str(get(METHOD)), str(get(BASELINE)), steps
