@@ -79,6 +79,10 @@ def parse_label(value) -> int:
     return LABEL_WORDS[key]
 
 
+def _size(limit: int) -> str:
+    return f"{limit / 2**20:g} MB" if limit >= 2**20 else f"{limit:,} bytes"
+
+
 def read_prompt_table(source: str | Path | bytes, max_bytes: int = 20 * 2**20, max_rows: int = 10_000) -> pd.DataFrame:
     """A CSV or TSV of prompts as text columns, with the delimiter sniffed.
 
@@ -90,12 +94,12 @@ def read_prompt_table(source: str | Path | bytes, max_bytes: int = 20 * 2**20, m
         if not path.exists():
             raise DataError(f"No file at '{path}'.")
         if path.stat().st_size > max_bytes:
-            raise DataError(f"The file is larger than {max_bytes // 2**20} MB.")
+            raise DataError(f"The file is larger than {_size(max_bytes)}.")
         raw = path.read_bytes()
     else:
         raw = bytes(source)
         if len(raw) > max_bytes:
-            raise DataError(f"The file is larger than {max_bytes // 2**20} MB.")
+            raise DataError(f"The file is larger than {_size(max_bytes)}.")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
