@@ -1,7 +1,7 @@
 """Guardian-Loop: the app. Run with `streamlit run streamlit_app.py`.
 
 This entry file sets the page up, keeps the shared prompt in step with the URL, draws the sidebar
-and routes to one of five pages (URL paths /probe, /heatmap, /heads, /circuit, /compare; the root
+and routes to one of the pages (URL paths /probe, /heatmap, /heads, /circuit, /compare, /batch, /loop; the root
 URL opens /probe).
 """
 
@@ -27,6 +27,8 @@ PAGES = [
     st.Page("pages/heads.py", title="Heads", icon=":material/grid_view:", url_path="heads"),
     st.Page("pages/circuit.py", title="Circuit", icon=":material/cable:", url_path="circuit"),
     st.Page("pages/compare.py", title="Compare", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page("pages/loop.py", title="Loop", icon=":material/model_training:", url_path="loop"),
+    st.Page("pages/batch.py", title="Batch", icon=":material/table_view:", url_path="batch"),
 ]
 
 

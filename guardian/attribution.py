@@ -40,7 +40,7 @@ from guardian.scoring import check_prompt
 
 METHODS = ("ig", "grad_x_input", "occlusion")
 BASELINES = ("pad", "mask", "zero")
-DEFAULT_INTERNAL_BATCH = 25
+TOKENS_PER_PASS = 1024  # default bound on steps (ig) or ablations (occlusion) x prompt tokens per pass
 SCORING_BATCH = 64
 AOPC_FRACTIONS = np.arange(1, 11) / 10  # 10 %, 20 %, ..., 100 % of the tokens, as in ferret
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -71,8 +71,13 @@ class Attribution:
     truncated: bool
 
     def top_words(self, k: int = 5) -> tuple[tuple[str, float], ...]:
-        """The k words that push most toward unsafe, highest score first."""
-        order = np.argsort(-self.word_scores, kind="stable")[:k]
+        """The k words that push most toward unsafe, highest score first.
+
+        Punctuation and single characters (the "s" of "neighbour's") are left out when the
+        prompt has other words.
+        """
+        content = [i for i, w in enumerate(self.words) if len(_plain(w)) > 1] or list(range(len(self.words)))
+        order = sorted(content, key=lambda i: -self.word_scores[i])[:k]
         return tuple((self.words[i], float(self.word_scores[i])) for i in order)
 
     def to_frame(self, level: str = "word") -> pd.DataFrame:
@@ -120,7 +125,8 @@ def attribute(judge: Judge, text: str, method: str = "ig", baseline: str = "pad"
     """Attribute the unsafe log-odds of `text` to its tokens and words with one Captum method.
 
     `n_steps` is the number of integration steps of "ig"; `internal_batch_size` bounds how many
-    steps (ig) or token ablations (occlusion) go through the model at once.
+    steps (ig) or token ablations (occlusion) go through the model at once (by default as many as
+    keep a pass within `TOKENS_PER_PASS` tokens: all 50 steps of a short prompt in one pass).
     """
     text = check_prompt(text)
     if method not in METHODS:
@@ -131,10 +137,9 @@ def attribute(judge: Judge, text: str, method: str = "ig", baseline: str = "pad"
         raise ValueError("n_steps must be at least 1.")
     if method == "grad_x_input":
         baseline = "zero"  # gradient x input is measured from the zero embedding
-    batch = max(1, internal_batch_size or DEFAULT_INTERNAL_BATCH)
-
     encoded = judge.encode([text])
     ids = encoded.inputs["input_ids"]
+    batch = max(1, internal_batch_size or TOKENS_PER_PASS // ids.shape[1])
     extra_names = tuple(k for k in MODEL_INPUTS[1:] if k in encoded.inputs)
     extras = tuple(encoded.inputs[k] for k in extra_names)
     special = special_token_mask(judge, ids[0].tolist())

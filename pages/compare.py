@@ -40,6 +40,10 @@ def suite_inputs():
                          help="Used to count how many prompts each judge gets right. With 'not sure', the "
                               "count of right answers is left out.")
     added = [line.strip() for line in extra.splitlines() if line.strip()]
+    if len(added) > state.MAX_ADDED_PROMPTS:
+        st.warning(f"Only the first {state.MAX_ADDED_PROMPTS} of your {len(added)} added prompts are used.",
+                   icon=":material/content_cut:")
+        added = added[: state.MAX_ADDED_PROMPTS]
     prompts = tuple(suite["prompt"]) + tuple(added)
     kinds = tuple(suite["kind"]) + ("added",) * len(added)
     label = LABEL_CHOICES[meant]

@@ -32,6 +32,8 @@ def verdicts() -> None:
                            "unsafe.")
     st.altair_chart(charts.verdict_chart(frame), width="stretch")
     widgets.truncation_notice(any(v.truncated for v in results.values()), slots[0].judge.max_tokens)
+    first = next(iter(results.values()))
+    widgets.add_to_patch_controls(text, f"probe_{widgets.text_tag(text)}", "safe" if first.unsafe else "unsafe")
     widgets.downloads("verdicts", frame=frame)
 
 
@@ -88,6 +90,8 @@ def explanation_and_rewrites() -> None:
                                                 f"{result.p_unsafe[i]:.2f}")
     st.button("Load this rewrite into the prompt box", icon=":material/input:", key="_probe_load",
               on_click=state.set_value, args=(state.PROMPT, result.mutations[choice].text))
+    widgets.add_to_patch_controls(result.mutations[choice].text, f"rewrite_{widgets.text_tag(text)}_{choice}",
+                                  "unsafe" if result.verdict.unsafe else "safe", what="this rewrite")
 
 
 def layer_activations() -> None:

@@ -313,3 +313,10 @@ def test_word_positions_pick_whole_words_only(tiny_judge):
     assert word_positions(tiny_judge, text, ["bomb"]) == ()  # whole words only
     assert word_positions(tiny_judge, text, ["cls", "sep", "[CLS]"]) == ()  # special tokens are not words
     assert len(word_positions(tiny_judge, text, ["then bombs"])) >= 2  # a phrase counts as its words
+
+
+def test_top_words_skip_punctuation_and_single_letters(tiny_judge):
+    result = attribute(tiny_judge, "my neighbour's dog, ok?", method="grad_x_input")
+    top = [w for w, _ in result.top_words(10)]
+    assert set(top) == {"my", "neighbour", "dog", "ok"}
+    assert [s for _, s in result.top_words(10)] == sorted((s for _, s in result.top_words(10)), reverse=True)

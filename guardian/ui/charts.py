@@ -265,3 +265,28 @@ def weight_change_chart(frame: pd.DataFrame) -> alt.Chart:
         color=alt.Color("kind:N", title="Module"),
         tooltip=[alt.Tooltip("module:N", title="Module"), alt.Tooltip("norm:Q", title="Change", format=".3f")],
     ).properties(height=240)
+
+
+# ----- loop ------------------------------------------------------------------------------------
+def before_after_chart(frame: pd.DataFrame) -> alt.Chart:
+    """p(unsafe) before (x) and after (y) an update, one point per prompt coloured by its right label."""
+    data = frame.assign(label=frame["label"].astype(str), change=frame["change"].replace("", "unchanged"))
+    points = alt.Chart(data).mark_circle(size=70, opacity=0.8).encode(
+        x=alt.X("p_unsafe_before:Q", title="p(unsafe) before the update", scale=alt.Scale(domain=[0, 1])),
+        y=alt.Y("p_unsafe_after:Q", title="p(unsafe) after the update", scale=alt.Scale(domain=[0, 1])),
+        color=alt.Color("label:N", scale=_verdict_color(), title="Right label"),
+        shape=alt.Shape("change:N", title="Verdict"),
+        tooltip=[alt.Tooltip("prompt:N", title="Prompt"), alt.Tooltip("label:N", title="Right label"),
+                 alt.Tooltip("p_unsafe_before:Q", title="Before", format=".3f"),
+                 alt.Tooltip("p_unsafe_after:Q", title="After", format=".3f"), alt.Tooltip("change:N", title="Change")],
+    )
+    return alt.layer(points, _threshold_rule("x"), _threshold_rule("y"), data=data).properties(height=320)
+
+
+def loss_chart(losses: Sequence[float]) -> alt.Chart:
+    """The training loss (mean so far in its epoch) after each step."""
+    data = pd.DataFrame({"step": np.arange(1, len(losses) + 1), "loss": np.asarray(losses, dtype=float)})
+    return alt.Chart(data, title="Training loss").mark_line(color=ACCENT_COLOR).encode(
+        x=alt.X("step:Q", title="Training step"), y=alt.Y("loss:Q", title="Loss (mean over the epoch so far)"),
+        tooltip=[alt.Tooltip("step:Q"), alt.Tooltip("loss:Q", format=".4f")],
+    ).properties(height=220)

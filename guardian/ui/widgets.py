@@ -172,7 +172,7 @@ def sidebar() -> None:
         slots, error = state.bundled_slots()
         if error:
             st.error(plain(error), icon=":material/error:")
-        everything = slots + state.custom_slots()
+        everything = slots + state.custom_slots() + state.update_slots()
         if everything:
             labels = {s.key: s.label for s in everything}
             valid = [k for k in (state.get(state.SHOWN) or []) if k in labels]
@@ -513,3 +513,19 @@ def convergence_sentence(method: str, delta: float, delta_fraction: float) -> st
                "rough — use more steps")
     return (f"Convergence check: the word scores add up to the judge's score change within {share} "
             f"(gap {delta:+.3f}), which is {verdict}.")
+
+
+# ----- the Loop page's patch set -----------------------------------------------------------------
+def _add_to_patch(text: str, where: str) -> None:
+    st.toast(state.add_to_patch(text, st.session_state.get(f"_patch_label_{where}") or "unsafe"),
+             icon=":material/playlist_add:")
+
+
+def add_to_patch_controls(text: str, where: str, default: str = "unsafe", what: str = "the prompt") -> None:
+    """The label the visitor says is right and a button adding `text` to the Loop page's patch set."""
+    left, right = st.columns([1, 2], vertical_alignment="bottom")
+    left.segmented_control(f"Right label for {what}", ["unsafe", "safe"], default=default,
+                           key=f"_patch_label_{where}", help="Add prompts the judge gets wrong to the patch set; "
+                           "the Loop page trains an update on them.")
+    right.button("Add to patch set", key=f"_patch_add_{where}", icon=":material/playlist_add:",
+                 on_click=_add_to_patch, args=(text, where))
