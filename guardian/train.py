@@ -92,6 +92,19 @@ def train_base() -> dict:
     return entry
 
 
+def held_back_fixes(base, lora, patch_held: pd.DataFrame) -> dict:
+    """Both judges on the held-back patch prompts, and how many of the base judge's errors the LoRA judge fixes."""
+    labels = patch_held["label"].to_numpy()
+    base_pred = (score_prompts(base, patch_held["prompt"].tolist()).p_unsafe >= 0.5).astype(int)
+    lora_pred = (score_prompts(lora, patch_held["prompt"].tolist()).p_unsafe >= 0.5).astype(int)
+    base_wrong = base_pred != labels
+    fixed = int((base_wrong & (lora_pred == labels)).sum())
+    broken = int((~base_wrong & (lora_pred != labels)).sum())
+    return {"base": _metrics(base, patch_held), "lora": _metrics(lora, patch_held),
+            "base_errors": int(base_wrong.sum()), "fixed": fixed, "broken": broken,
+            "fix_rate": round(fixed / max(1, int(base_wrong.sum())), 4)}
+
+
 def train_patch() -> dict:
     base_model, tokenizer = load_bundled_base()
     base = _judge("base", base_model, tokenizer)
@@ -110,12 +123,6 @@ def train_patch() -> dict:
     seconds = time.time() - started
     artifacts = _save_adapter(peft_model, LORA_ADAPTER_DIR, "guardian base judge")
     lora = _judge("lora", peft_model.merge_and_unload(), tokenizer)
-    held_labels = patch_held["label"].to_numpy()
-    base_pred = (score_prompts(base, patch_held["prompt"].tolist()).p_unsafe >= 0.5).astype(int)
-    lora_pred = (score_prompts(lora, patch_held["prompt"].tolist()).p_unsafe >= 0.5).astype(int)
-    base_wrong = base_pred != held_labels
-    fixed = int((base_wrong & (lora_pred == held_labels)).sum())
-    broken = int((~base_wrong & (lora_pred != held_labels)).sum())
     entry = {
         "artifacts": artifacts,
         "data": {name: datasets.sha256_file(datasets.DATA_DIR / name) for name in (datasets.PATCH_FILE, *datasets.base_files())},
@@ -123,12 +130,8 @@ def train_patch() -> dict:
                    "replay": len(replay), "templated": len(templated)},
         "settings": {**LORA_SETTINGS.to_dict(), "patch_holdout_share": PATCH_HOLDOUT_SHARE, "replay_per_patch": REPLAY_PER_PATCH,
                      "templated_per_label": TEMPLATED_PER_LABEL},
-        "metrics": {
-            "patch_held_back": {"base": _metrics(base, patch_held), "lora": _metrics(lora, patch_held),
-                                "base_errors": int(base_wrong.sum()), "fixed": fixed, "broken": broken,
-                                "fix_rate": round(fixed / max(1, int(base_wrong.sum())), 4)},
-            "validation": {"base": _metrics(base, validation), "lora": _metrics(lora, validation)},
-        },
+        "metrics": {"patch_held_back": held_back_fixes(base, lora, patch_held),
+                    "validation": {"base": _metrics(base, validation), "lora": _metrics(lora, validation)}},
         "train_seconds": round(seconds, 1),
     }
     _update_manifest("lora", entry)
