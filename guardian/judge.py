@@ -33,6 +33,7 @@ ATTENTION_OUTPUT_NAMES = (
 )
 UNSAFE_LABEL_HINTS = ("unsafe", "harm", "toxic", "jailbreak", "injection", "flag", "danger")
 DEFAULT_MAX_TOKENS = 256
+MODEL_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 CHARS_PER_TOKEN_CAP = 24  # text beyond max_tokens * this many characters can never fit
 
 
@@ -53,6 +54,18 @@ class Encoded:
         return [len(t) for t in self.tokens]
 
 
+@dataclass(frozen=True)
+class Tokenized:
+    """Prompts tokenised once, unpadded: per model input, one list of ids per prompt."""
+
+    features: dict[str, list[list[int]]]
+    truncated: list[bool]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.features["input_ids"]]
+
+
 @dataclass(eq=False)
 class Judge:
     """A classifier over prompts with the structural handles the analyses need."""
@@ -64,6 +77,7 @@ class Judge:
     max_tokens: int = DEFAULT_MAX_TOKENS
     weight_deltas: dict[str, float] = field(default_factory=dict)
     description: str = ""
+    verdict_dtype: torch.dtype = torch.float32  # of verdict-only passes (`verdict_logits`)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
     def __post_init__(self) -> None:
@@ -167,18 +181,25 @@ class Judge:
         """Tokenise prompts (padded, truncated to `max_tokens`), noting which were cut short."""
         if isinstance(texts, str):
             texts = [texts]
+        tokenized = self.tokenize(texts)
+        tokens = [self.tokenizer.convert_ids_to_tokens(ids) for ids in tokenized.features["input_ids"]]
+        return Encoded(inputs=self.batch_inputs(tokenized), tokens=tokens, truncated=tokenized.truncated)
+
+    def tokenize(self, texts: Sequence[str]) -> Tokenized:
+        """Tokenise prompts once, unpadded and truncated to `max_tokens`; pad batches with `batch_inputs`."""
         capped = [t[: self.max_tokens * CHARS_PER_TOKEN_CAP] for t in texts]
-        enc = self.tokenizer(
-            capped, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
-        )
-        mask = enc["attention_mask"]
-        tokens, truncated = [], []
-        for i, text in enumerate(texts):
-            ids = enc["input_ids"][i][mask[i].bool()].tolist()
-            tokens.append(self.tokenizer.convert_ids_to_tokens(ids))
-            truncated.append(len(ids) >= self.max_tokens and self._needs_more(text))
-        inputs = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        return Encoded(inputs=inputs, tokens=tokens, truncated=truncated)
+        enc = self.tokenizer(capped, truncation=True, max_length=self.max_tokens) if capped else {}
+        features = {k: list(enc[k]) for k in MODEL_INPUT_NAMES if k in enc}
+        features.setdefault("input_ids", [])
+        truncated = [len(ids) >= self.max_tokens and self._needs_more(text)
+                     for ids, text in zip(features["input_ids"], texts)]
+        return Tokenized(features=features, truncated=truncated)
+
+    def batch_inputs(self, tokenized: Tokenized, index: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
+        """Model inputs for the prompts at `index` (all by default), padded to the longest of them."""
+        chosen = range(len(tokenized.truncated)) if index is None else index
+        features = {k: [v[i] for i in chosen] for k, v in tokenized.features.items()}
+        return dict(self.tokenizer.pad(features, return_tensors="pt"))
 
     def _needs_more(self, text: str) -> bool:
         if len(text) > self.max_tokens * CHARS_PER_TOKEN_CAP:
@@ -201,6 +222,18 @@ class Judge:
         """One forward pass under the judge's lock; returns the class logits."""
         with self.lock:
             return self.model(**inputs, **kwargs).logits.float()
+
+    @torch.inference_mode()
+    def verdict_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Class logits for verdicts only (no hooks, no attentions), computed in `verdict_dtype`.
+
+        With bfloat16 the pass runs under CPU autocast: matrix products in bfloat16, norms and
+        softmax in float32. Every analysis that explains a score uses `logits` (float32).
+        """
+        if self.verdict_dtype == torch.float32:
+            return self.logits(inputs)
+        with self.lock, torch.autocast("cpu", dtype=self.verdict_dtype):
+            return self.model(**inputs).logits.float()
 
     # ----- hooks -----------------------------------------------------------------------------
     @contextmanager

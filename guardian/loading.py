@@ -30,6 +30,7 @@ LABELS = {0: "safe", 1: "unsafe"}
 
 ENV_MODEL = "GUARDIAN_MODEL"
 ENV_ADAPTER = "GUARDIAN_ADAPTER"
+ENV_PRECISION = "GUARDIAN_PRECISION"  # "auto" (default), "float32" or "bfloat16": the bundled judges' verdicts
 
 
 def backbone_path() -> Path:
@@ -131,14 +132,39 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0][:300]
 
 
-def _judge(name, model, tokenizer, *, unsafe_labels=None, max_tokens=DEFAULT_MAX_TOKENS, deltas=None, description=""):
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), so bf16 beats float32."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags))
+
+
+def bundled_verdict_dtype() -> torch.dtype:
+    """Precision of the bundled judges' verdicts: bfloat16 where the CPU has it natively (their verdicts
+    agree with float32, see docs/PERFORMANCE.md), else float32; `GUARDIAN_PRECISION` overrides."""
+    choice = os.environ.get(ENV_PRECISION, "auto").strip().lower()
+    if choice in ("bfloat16", "bf16"):
+        return torch.bfloat16
+    if choice in ("float32", "fp32"):
+        return torch.float32
+    if choice not in ("", "auto"):
+        raise JudgeError(f"{ENV_PRECISION} must be auto, float32 or bfloat16, not '{choice}'.")
+    return torch.bfloat16 if native_bf16() else torch.float32
+
+
+def _judge(name, model, tokenizer, *, unsafe_labels=None, max_tokens=DEFAULT_MAX_TOKENS, deltas=None, description="",
+           verdict_dtype=torch.float32):
     for p in model.parameters():
         p.requires_grad_(False)
     labels = tuple(unsafe_labels) if unsafe_labels else infer_unsafe_labels(
         getattr(model.config, "id2label", None), model.config.num_labels
     )
     return Judge(name=name, model=model, tokenizer=tokenizer, unsafe_labels=labels,
-                 max_tokens=max_tokens, weight_deltas=deltas or {}, description=description)
+                 max_tokens=max_tokens, weight_deltas=deltas or {}, description=description,
+                 verdict_dtype=verdict_dtype)
 
 
 def load_bundled_base() -> tuple[PreTrainedModel, object]:
@@ -177,11 +203,11 @@ def load_base_judge(source: str | None = None, max_tokens: int = DEFAULT_MAX_TOK
     custom = (source or os.environ.get(ENV_MODEL, "")).strip()
     if custom:
         model, tokenizer = load_model_folder(custom)
-        description = f"custom judge {custom}"
+        description, dtype = f"custom judge {custom}", torch.float32
     else:
         model, tokenizer = load_bundled_base()
-        description = "bundled base judge (all-MiniLM-L6-v2 fine-tuned)"
-    return _judge("base", model, tokenizer, max_tokens=max_tokens, description=description)
+        description, dtype = "bundled base judge (all-MiniLM-L6-v2 fine-tuned)", bundled_verdict_dtype()
+    return _judge("base", model, tokenizer, max_tokens=max_tokens, description=description, verdict_dtype=dtype)
 
 
 def load_lora_judge(base: Judge, adapter: str | os.PathLike | None = None) -> Judge:
@@ -191,9 +217,11 @@ def load_lora_judge(base: Judge, adapter: str | os.PathLike | None = None) -> Ju
         raise JudgeError("The bundled LoRA adapter only fits the bundled base judge; name an adapter for this model.")
     path = Path(chosen) if chosen else LORA_ADAPTER_DIR
     model, deltas = apply_adapter(base.model, path)
-    label = "bundled LoRA adapter" if path == LORA_ADAPTER_DIR else f"adapter {path}"
+    bundled = path == LORA_ADAPTER_DIR
+    label = "bundled LoRA adapter" if bundled else f"adapter {path}"
     return _judge("lora", model, base.tokenizer, unsafe_labels=base.unsafe_labels, max_tokens=base.max_tokens,
-                  deltas=deltas, description=f"{base.description} + {label}")
+                  deltas=deltas, description=f"{base.description} + {label}",
+                  verdict_dtype=base.verdict_dtype if bundled else torch.float32)
 
 
 def load_bundled_judges(max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[Judge, Judge]:

@@ -1,7 +1,8 @@
 """Verdicts: p(unsafe) for one prompt or many.
 
-Batch scoring sorts prompts by token length and scores them in buckets, so short prompts are not
-padded to the longest one, and runs under `torch.inference_mode()` without attention outputs.
+Batch scoring tokenises every prompt once, sorts them by token length and scores them in buckets,
+so short prompts are not padded to the longest one, under `torch.inference_mode()` without
+attention outputs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from guardian.judge import CHARS_PER_TOKEN_CAP, Judge, JudgeError
 
 THRESHOLD = 0.5
+TOKENS_PER_BATCH = 64 * 64  # rows x padded length of one batch: bounds memory for long prompts
 Progress = Callable[[int, int], None]  # (prompts done, prompts in all)
 
 
@@ -73,7 +75,7 @@ def verdict(judge: Judge, text: str) -> Verdict:
     """Class probabilities of one prompt."""
     text = check_prompt(text)
     encoded = judge.encode([text])
-    logits = judge.logits(encoded.inputs)[0]
+    logits = judge.verdict_logits(encoded.inputs)[0]
     return Verdict(
         prompt=text, tokens=tuple(encoded.tokens[0]),
         probabilities=torch.softmax(logits, -1).numpy(), label_names=tuple(judge.label_names),
@@ -87,23 +89,34 @@ def score_prompts(judge: Judge, texts: Sequence[str], batch_size: int = 64,
     texts = [str(t) if t is not None else "" for t in texts]
     n = len(texts)
     p_unsafe = np.zeros(n, dtype=np.float64)
-    truncated = np.zeros(n, dtype=bool)
-    lengths = _token_lengths(judge, texts)
-    order = np.argsort(lengths, kind="stable")
+    tokenized = judge.tokenize(texts)  # once: the lengths order the batches, the ids fill them
     done = 0
-    for start in range(0, n, batch_size):
-        index = order[start:start + batch_size]
-        encoded = judge.encode([texts[i] for i in index])
-        logits = judge.logits(encoded.inputs)
+    for index in length_batches(tokenized.lengths, batch_size):
+        logits = judge.verdict_logits(judge.batch_inputs(tokenized, index))
         p_unsafe[index] = judge.p_unsafe(logits).double().numpy()
-        truncated[index] = encoded.truncated
         done += len(index)
         if progress is not None:
             progress(done, n)
-    return Scores(prompts=tuple(texts), p_unsafe=p_unsafe, truncated=truncated)
+    return Scores(prompts=tuple(texts), p_unsafe=p_unsafe, truncated=np.array(tokenized.truncated, dtype=bool))
+
+
+def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = TOKENS_PER_BATCH) -> list[np.ndarray]:
+    """Indices sorted by length, cut into batches of at most `batch_size` prompts and at most
+    `max_tokens` tokens once padded (a prompt longer than that goes alone)."""
+    order = np.argsort(np.asarray(lengths, dtype=int), kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        end = start + 1
+        while (end < len(order) and end - start < batch_size
+               and (end - start + 1) * lengths[order[end]] <= max_tokens):
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    return batches
 
 
 def _token_lengths(judge: Judge, texts: list[str]) -> np.ndarray:
+    """Tokens per prompt without special tokens, capped at `max_tokens` (used by guardian.compare)."""
     if not texts:
         return np.zeros(0, dtype=int)
     cap = judge.max_tokens * CHARS_PER_TOKEN_CAP
