@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from streamlit.testing.v1.util import patch_config_options
 from streamlit.testing.v1 import AppTest
 
 from conftest import make_judge, tiny_model
@@ -270,7 +271,9 @@ def test_several_app_sessions_at_once(judges):
         assert at.text_area(key="_w_heatmap_prompt").value == text
         return {"verdicts": first, "heatmaps": len(at.html)}
 
-    with ThreadPoolExecutor(len(cases)) as pool:
+    # AppTest flips the process-wide option global.appTest on and off around each run; held on here,
+    # one session finishing cannot switch it off under another (a harness race, not the app's).
+    with patch_config_options({"global.appTest": True}), ThreadPoolExecutor(len(cases)) as pool:
         results = list(pool.map(session, range(len(cases))))
     for (text, _, _), result in zip(cases, results):
         assert result["verdicts"] == {label: scoring.verdict(judge, text).label.upper()
