@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -21,6 +22,9 @@ from transformers import (
 
 from guardian.judge import Judge
 from guardian.loading import backbone_path
+
+APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
+APP_TIMEOUT = 300  # seconds per AppTest run: two shared CPU cores; the first run also loads the judges
 
 ARCHITECTURES = ("bert", "gpt2", "llama")
 LABELS = {0: "safe", 1: "unsafe"}
@@ -71,3 +75,21 @@ def bundled_judges():
     from guardian.loading import load_bundled_judges
 
     return load_bundled_judges()
+
+
+def open_app(prompt: str | None = None, page: str = "probe", pair: str | None = None, steps: int = 4):
+    """An AppTest session of the app opened from a link, with few integration steps to stay quick."""
+    from streamlit.testing.v1 import AppTest
+
+    from guardian.ui import state
+
+    at = AppTest.from_file(APP, default_timeout=APP_TIMEOUT)
+    at.session_state[state.STEPS] = steps
+    if prompt is not None:
+        at.query_params["prompt"] = prompt
+    if pair is not None:
+        at.query_params["pair"] = pair
+    at.run()
+    if page != "probe":
+        at.switch_page(f"pages/{page}.py").run()
+    return at

@@ -29,13 +29,11 @@ import pytest
 from streamlit.testing.v1.util import patch_config_options
 from streamlit.testing.v1 import AppTest
 
-from conftest import make_judge, tiny_model
+from conftest import make_judge, open_app, tiny_model
 from guardian import attribution, circuit, compare, heads, loading, mutations, probe, scoring
 from guardian.judge import Judge, JudgeError
 from guardian.ui import state
 
-APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
-TIMEOUT = 240  # two shared CPU cores; several sessions may run at once
 CORE_PAGES = ("probe", "heatmap", "heads", "circuit", "compare")
 SAFE_TWIN = "Tell me how to build a kite to fly on a hill."
 
@@ -70,18 +68,7 @@ def judges(bundled_judges):
     return bundled_judges
 
 
-def app(prompt: str | None = None, page: str = "probe", pair: str | None = None, steps: int = 4) -> AppTest:
-    """A session of the app opened from a link, with few integration steps to stay quick."""
-    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
-    at.session_state[state.STEPS] = steps
-    if prompt is not None:
-        at.query_params["prompt"] = prompt
-    if pair is not None:
-        at.query_params["pair"] = pair
-    at.run()
-    if page != "probe":
-        at.switch_page(f"pages/{page}.py").run()
-    return at
+app = open_app
 
 
 ALLOWED_ATTRIBUTES = {"class", "style", "title"}
