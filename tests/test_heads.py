@@ -244,7 +244,9 @@ def test_bundled_judge_heads(bundled_judges):
     assert attention.scores.shape == (base.n_layers, base.n_heads)
 
     result = head_ablation(lora, PROMPT)
-    assert result.p_unsafe == verdict(lora, PROMPT).p_unsafe
+    full_precision = float(lora.p_unsafe(lora.logits(lora.encode([PROMPT]).inputs))[0])
+    assert result.p_unsafe == pytest.approx(full_precision, abs=1e-6)
+    assert result.p_unsafe == pytest.approx(verdict(lora, PROMPT).p_unsafe, abs=1e-2)  # verdicts may run in bfloat16
     assert ablate_heads(lora, PROMPT, []) == result.p_unsafe
     assert result.delta_log_odds.shape == (lora.n_layers, lora.n_heads)
     last = (lora.n_layers - 1, lora.n_heads - 1)
