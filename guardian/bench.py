@@ -235,12 +235,15 @@ def measure_batch(judges: Sequence[Judge], prompts: Sequence[str], seed_prompts:
     seed_batch_analyze(first, subset[:8])
     seed_s = timed(seed_analyze)
     ours_s = seconds[0] if len(subset) == len(prompts) else timed(lambda: scoring.score_prompts(first, subset))
+    exact = dataclasses.replace(first, verdict_dtype=torch.float32, lock=first.lock)
+    fp32_s = seconds[0] if first.verdict_dtype == torch.float32 else timed(lambda: scoring.score_prompts(exact, prompts))
     return {
         "batch_prompts_per_s": len(prompts) * len(judges) / sum(seconds),
         "batch_gflops": flops / sum(seconds) / 1e9,
         "batch_speedup_vs_seed": seed_s / ours_s,
         "per_judge_prompts_per_s": [len(prompts) / s for s in seconds],
         "seed_prompts_per_s": len(subset) / seed_s,
+        "float32_prompts_per_s": len(prompts) / fp32_s,
         "mean_tokens": float(token_counts(first, prompts).mean()),
     }
 
@@ -294,12 +297,12 @@ def measure_fresh_process(loader: str = DEFAULT_LOADER, n_prompts: int = 2000, e
     and that process's peak RSS after running every analysis once on `n_prompts` batch prompts."""
     module, function = loader.split(":")
     code = (
-        "import sys, resource; import guardian; import importlib\n"
+        "import importlib; import guardian\n"
         f"base, lora = getattr(importlib.import_module({module!r}), {function!r})()\n"
         "print('loaded', flush=True)\n"
         "from guardian import bench\n"
         f"bench.every_analysis(base, lora, bench.bench_prompts({n_prompts}))\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)\n"
+        "print(bench.peak_rss_kb(), flush=True)\n"
     )
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
@@ -312,6 +315,21 @@ def measure_fresh_process(loader: str = DEFAULT_LOADER, n_prompts: int = 2000, e
     if child.wait() != 0 or len(lines) < 2:
         raise RuntimeError(f"The fresh benchmark process failed (exit code {child.returncode}).")
     return {"cold_start_s": cold, "peak_rss_mb": int(lines[-1]) / 1024}
+
+
+def peak_rss_kb() -> int:
+    """Peak resident memory of this process in KiB: VmHWM of its own address space.
+
+    (`ru_maxrss` would do, but Linux carries it across exec: a child spawned by a large parent
+    would report the parent's size.)
+    """
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def run(base: Judge, lora: Judge, sizes: Sizes = FULL, loader: str = DEFAULT_LOADER,
@@ -405,7 +423,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"{info['torch_threads']} threads, verdicts in {str(base.verdict_dtype).removeprefix('torch.')}, "
           f"load average {', '.join(f'{x:.2f}' for x in info['load_average'])}")
     print(table(report))
-    print(f"(per judge {', '.join(f'{x:.0f}' for x in report['per_judge_prompts_per_s'])} prompts/s; seed code "
+    print(f"(per judge {', '.join(f'{x:.0f}' for x in report['per_judge_prompts_per_s'])} prompts/s, "
+          f"{report['float32_prompts_per_s']:.0f} with float32 verdicts; seed code "
           f"{report['seed_prompts_per_s']:.1f} prompts/s; {report['mean_tokens']:.1f} tokens per prompt on average; "
           f"{report['probe_prompts']} probe prompts of up to {report['probe_max_tokens']} tokens, each with at "
           f"least {MIN_MUTATIONS} mutations)")

@@ -17,7 +17,8 @@ import torch
 from guardian.judge import CHARS_PER_TOKEN_CAP, Judge, JudgeError
 
 THRESHOLD = 0.5
-TOKENS_PER_BATCH = 64 * 64  # rows x padded length of one batch: bounds memory for long prompts
+TOKENS_PER_BATCH = 2048  # rows x padded length of one batch: bounds memory for long prompts
+MAX_LENGTH_RATIO = 1.5  # longest / shortest prompt in one batch
 Progress = Callable[[int, int], None]  # (prompts done, prompts in all)
 
 
@@ -100,14 +101,16 @@ def score_prompts(judge: Judge, texts: Sequence[str], batch_size: int = 64,
     return Scores(prompts=tuple(texts), p_unsafe=p_unsafe, truncated=np.array(tokenized.truncated, dtype=bool))
 
 
-def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = TOKENS_PER_BATCH) -> list[np.ndarray]:
-    """Indices sorted by length, cut into batches of at most `batch_size` prompts and at most
-    `max_tokens` tokens once padded (a prompt longer than that goes alone)."""
+def length_batches(lengths: Sequence[int], batch_size: int, max_tokens: int = TOKENS_PER_BATCH,
+                   max_ratio: float = MAX_LENGTH_RATIO) -> list[np.ndarray]:
+    """Indices sorted by length, cut into batches of at most `batch_size` prompts and `max_tokens`
+    tokens once padded (a longer prompt goes alone), none more than `max_ratio` times longer than
+    the shortest prompt of its batch (so little of a batch is padding)."""
     order = np.argsort(np.asarray(lengths, dtype=int), kind="stable")
     batches, start = [], 0
     while start < len(order):
-        end = start + 1
-        while (end < len(order) and end - start < batch_size
+        end, limit = start + 1, max_ratio * lengths[order[start]]
+        while (end < len(order) and end - start < batch_size and lengths[order[end]] <= limit
                and (end - start + 1) * lengths[order[end]] <= max_tokens):
             end += 1
         batches.append(order[start:end])

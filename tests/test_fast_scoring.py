@@ -30,13 +30,14 @@ def test_encode_pads_exactly_like_one_tokenizer_call(tiny_judge):
 
 def test_batches_are_sorted_bounded_and_cover_every_prompt():
     lengths = [5, 300, 12, 12, 7, 64, 64, 64, 3, 40]
-    batches = length_batches(lengths, batch_size=3, max_tokens=128)
+    batches = length_batches(lengths, batch_size=3, max_tokens=128, max_ratio=2.0)
     flat = np.concatenate(batches)
     assert sorted(flat.tolist()) == list(range(len(lengths)))
     assert [lengths[i] for i in flat] == sorted(lengths)
     for batch in batches:
         padded = len(batch) * max(lengths[i] for i in batch)
         assert len(batch) <= 3 and (padded <= 128 or len(batch) == 1)
+        assert max(lengths[i] for i in batch) <= 2.0 * min(lengths[i] for i in batch)
 
 
 def test_batch_scores_do_not_depend_on_the_batching(tiny_judge):
