@@ -13,7 +13,7 @@ timed call follows an untimed one of the same kind):
   `head_ablation_s`: `heads.head_ablation` (every head) on the pair's unsafe prompt.
 - `cold_start_s`: a fresh Python process importing `guardian` and loading both judges, and
   `peak_rss_mb`: that process's peak resident memory after running every analysis once.
-- `lora_update_s`: `training.train_lora` with the default `LoraSettings` on 300 examples.
+- `lora_update_s`: the loop page's "Train update" (default settings) on a 300-prompt patch set plus its replay sample.
 
 `--quick` shrinks the sample sizes (and trains one epoch, scaled by the epoch count) to finish in
 under a minute. The figures and the machine they came from are recorded in docs/PERFORMANCE.md.
@@ -38,10 +38,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from guardian import attribution, circuit, heads, probe, scoring
+from guardian import attribution, circuit, heads, loop, probe, scoring
 from guardian.judge import Judge
 from guardian.loading import native_bf16
-from guardian.training import LoraSettings, train_lora
+from guardian.training import LoraSettings
 
 DATA_DIR = Path(__file__).parent / "data"
 PROMPT_FILES = ("train_safe.csv", "train_unsafe.csv", "patch.csv", "suite.csv")
@@ -283,13 +283,15 @@ def measure_circuit(judge: Judge, repeats: int) -> dict:
     }
 
 
-def measure_lora(judge: Judge, n_examples: int, epochs_run: int, settings: LoraSettings = LoraSettings()) -> dict:
-    """Seconds for `train_lora` with `settings` on `n_examples` prompts; when fewer epochs are run
-    than `settings.epochs`, the time is scaled up by the ratio."""
+def measure_lora(judge: Judge, n_examples: int, epochs_run: int, settings: LoraSettings = loop.DEFAULT_SETTINGS) -> dict:
+    """Seconds the loop page's "Train update" spends training on a patch set of `n_examples` prompts
+    (plus its replay sample); when fewer epochs are run than `settings.epochs`, the time is scaled
+    up by the ratio."""
     texts, labels = lora_examples(n_examples)
-    run = replace(settings, epochs=epochs_run)
-    seconds = timed(lambda: train_lora(judge.model, judge.tokenizer, texts, labels, run))
-    return {"lora_update_s": seconds * settings.epochs / epochs_run}
+    patch = pd.DataFrame({"prompt": texts, "label": labels})
+    update = loop.train_update(judge, patch, dataclasses.replace(settings, epochs=epochs_run))
+    return {"lora_update_s": update.seconds * settings.epochs / epochs_run,
+            "lora_trained_prompts": update.n_patch + update.n_replay}
 
 
 def measure_fresh_process(loader: str = DEFAULT_LOADER, n_prompts: int = 2000, env: dict | None = None) -> dict:

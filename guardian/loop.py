@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import numpy as np
+import torch
 import pandas as pd
 
 from guardian import datasets
@@ -42,7 +43,8 @@ MAX_ZIP_BYTES = 64 * 2**20
 MAX_ZIP_ENTRIES = 16
 MAX_UNZIPPED_BYTES = 256 * 2**20
 MAX_CONFIG_BYTES = 64 * 2**10
-DEFAULT_SETTINGS = LoraSettings()  # rank 8, 3 epochs, learning rate 5e-4, batch 16, 64 tokens
+# rank 8, 3 epochs, batch 16, 64 tokens; only the last 3 blocks adapt, so the backward pass is half as long
+DEFAULT_SETTINGS = LoraSettings(learning_rate=1e-3, top_layers=3)
 
 
 # ----- the patch set -------------------------------------------------------------------------------
@@ -213,7 +215,8 @@ def train_update(base: Judge, patch: pd.DataFrame, settings: LoraSettings = DEFA
     check_settings(settings)
     rows = validate_patch(patch, base)
     settings = replace(settings, target_modules=lora_targets(base.model),
-                       max_tokens=min(settings.max_tokens, base.max_tokens))
+                       max_tokens=min(settings.max_tokens, base.max_tokens),
+                       bfloat16=base.verdict_dtype == torch.bfloat16)
     replay, regression = replay_and_regression(rows["prompt"].tolist(), replay_per_patch * len(rows), settings.seed)
     texts = rows["prompt"].tolist() + replay["prompt"].tolist()
     labels = rows["label"].tolist() + replay["label"].astype(int).tolist()

@@ -34,6 +34,8 @@ class LoraSettings:
     weight_decay: float = 0.01
     batch_size: int = 16
     max_tokens: int = 64
+    top_layers: int | None = None  # adapt only the last N transformer blocks (None: all of them)
+    bfloat16: bool = False  # matrix products in bfloat16 under CPU autocast (weights and optimiser stay float32)
     seed: int = 0
 
     def to_dict(self) -> dict:
@@ -52,6 +54,17 @@ def lora_targets(model: PreTrainedModel) -> tuple[str, ...]:
     raise ValueError("No attention projections found to adapt in this model.")
 
 
+def top_layer_indices(model: PreTrainedModel, top_layers: int | None) -> list[int] | None:
+    """Indices of the last `top_layers` transformer blocks (None: every block).
+
+    Gradients then stop at the lowest adapted block, so the backward pass skips the blocks below.
+    """
+    if top_layers is None:
+        return None
+    n_layers = model.config.num_hidden_layers
+    return list(range(max(0, n_layers - top_layers), n_layers))
+
+
 def train_lora(model: PreTrainedModel, tokenizer, texts: Sequence[str], labels: Sequence[int],
                settings: LoraSettings = LoraSettings(), progress: TrainProgress | None = None,
                should_stop: Callable[[], bool] | None = None) -> PeftModel:
@@ -63,6 +76,7 @@ def train_lora(model: PreTrainedModel, tokenizer, texts: Sequence[str], labels: 
         r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules), modules_to_save=list(settings.modules_to_save) or None,
         task_type="SEQ_CLS" if not settings.modules_to_save else None,
+        layers_to_transform=top_layer_indices(model, settings.top_layers),
     )
     peft_model = get_peft_model(copy.deepcopy(model), config)
     trainable = [p for p in peft_model.parameters() if p.requires_grad]
@@ -84,8 +98,9 @@ def train_lora(model: PreTrainedModel, tokenizer, texts: Sequence[str], labels: 
                 raise InterruptedError("Training was stopped.")
             enc = tokenizer([texts[i] for i in index], padding=True, truncation=True,
                             max_length=settings.max_tokens, return_tensors="pt")
-            logits = peft_model(**enc).logits
-            loss = torch.nn.functional.cross_entropy(logits, labels_t[index])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=settings.bfloat16):
+                logits = peft_model(**enc).logits
+            loss = torch.nn.functional.cross_entropy(logits.float(), labels_t[index])
             optimiser.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import pandas as pd
 import streamlit as st
@@ -98,13 +99,14 @@ def patch_editor() -> pd.DataFrame:
 
 def chosen_settings() -> LoraSettings:
     columns = st.columns(3)
-    rank = columns[0].select_slider("LoRA rank", RANKS, value=8, key="_loop_rank",
+    defaults = loop.DEFAULT_SETTINGS
+    rank = columns[0].select_slider("LoRA rank", RANKS, value=defaults.rank, key="_loop_rank",
                                     help="Size of the update. Small ranks train fast and change the judge less.")
-    epochs = columns[1].number_input("Epochs", min_value=1, max_value=loop.MAX_EPOCHS, value=3, step=1,
-                                     key="_loop_epochs", help="Passes over the patch set and the replayed prompts.")
-    rate = columns[2].select_slider("Learning rate", RATES, value=5e-4, key="_loop_rate", format_func=lambda r: f"{r:g}",
+    epochs = columns[1].number_input("Epochs", min_value=1, max_value=loop.MAX_EPOCHS, value=defaults.epochs,
+                                     step=1, key="_loop_epochs", help="Passes over the patch set and the replayed prompts.")
+    rate = columns[2].select_slider("Learning rate", RATES, value=defaults.learning_rate, key="_loop_rate", format_func=lambda r: f"{r:g}",
                                     help="How big each training step is. Too high can break what the judge knew.")
-    return LoraSettings(rank=int(rank), alpha=2 * int(rank), epochs=int(epochs), learning_rate=float(rate))
+    return replace(defaults, rank=int(rank), alpha=2 * int(rank), epochs=int(epochs), learning_rate=float(rate))
 
 
 def start_training(start: state.JudgeSlot, frame: pd.DataFrame, settings: LoraSettings) -> None:
@@ -202,8 +204,9 @@ def results_section() -> None:
         columns[2].metric("Prompts fixed", int(update.patch.fixed.sum() + update.regression.fixed.sum()), border=True)
         columns[3].metric("Prompts broken", int(update.patch.broken.sum() + update.regression.broken.sum()),
                           border=True, help="Right before the update, wrong after it (mostly on the regression sample).")
+        where = f" in the last {update.settings.top_layers} blocks" if update.settings.top_layers else ""
         st.caption(f"Trained on {update.n_patch} patch prompts + {update.n_replay} replayed prompts, rank "
-                   f"{update.settings.rank}, {update.settings.epochs} epochs, learning rate "
+                   f"{update.settings.rank}{where}, {update.settings.epochs} epochs, learning rate "
                    f"{update.settings.learning_rate:g}, in {update.seconds:.0f} s. The regression sample is "
                    "held back from the bundled training data.")
         summary = update.summary_frame()

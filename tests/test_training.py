@@ -58,3 +58,22 @@ def test_templated_expansion_keeps_labels_and_balances_them():
                                 if lab == label and (o in prompt or len(o.split()) == len(prompt.split()))]
         assert wrapped_or_respelled, prompt
     assert augment.expand(frame, per_label=4, seed=3).equals(out)
+
+
+def test_top_layers_setting_adapts_only_the_last_blocks_and_still_fits(tokenizer):
+    model = tiny_model("bert").eval()
+    n_layers = model.config.num_hidden_layers
+    texts, labels = UNSAFE + SAFE, [1] * 6 + [0] * 6
+    settings = LoraSettings(rank=4, alpha=8, epochs=30, learning_rate=1e-2, batch_size=4, top_layers=1,
+                            bfloat16=True, target_modules=lora_targets(model), modules_to_save=("classifier",))
+    trained = train_lora(model, tokenizer, texts, labels, settings)
+    adapted = {name.split(".layer.")[1].split(".")[0] for name, _ in trained.named_parameters()
+               if "lora_A" in name and ".layer." in name}
+    assert adapted == {str(n_layers - 1)}
+    merged = trained.merge_and_unload()
+    lower = [k for k in model.state_dict() if ".layer.0." in k]
+    assert lower and all(torch.equal(model.state_dict()[k], merged.state_dict()[k]) for k in lower)
+    def accuracy(m):
+        return ((score_prompts(Judge("j", m, tokenizer), texts).p_unsafe >= 0.5) == np.array(labels)).mean()
+
+    assert accuracy(merged) >= 0.9 > accuracy(model)
