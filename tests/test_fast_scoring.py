@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import numpy as np
 import pytest
@@ -76,3 +77,10 @@ def test_integrated_gradients_do_not_depend_on_the_steps_per_pass(tiny_judge):
     one_pass = attribute(tiny_judge, PROMPTS[4], "ig", n_steps=20)
     many = attribute(tiny_judge, PROMPTS[4], "ig", n_steps=20, internal_batch_size=3)
     np.testing.assert_allclose(one_pass.token_scores, many.token_scores, atol=1e-4)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+def test_heap_settings_are_accepted_by_glibc():
+    from guardian.runtime import limit_heap_retention
+
+    assert limit_heap_retention() is True  # both mallopt calls succeeded
