@@ -13,6 +13,7 @@ timed call follows an untimed one of the same kind):
   `head_ablation_s`: `heads.head_ablation` (every head) on the pair's unsafe prompt.
 - `cold_start_s`: a fresh Python process importing `guardian` and loading both judges, and
   `peak_rss_mb`: that process's peak resident memory after running every analysis once.
+- `dataset_5000_s`: the dataset page reading, preparing and scoring 5,000 uploaded prompts with both judges.
 - `lora_update_s`: the loop page's "Train update" (default settings) on a 300-prompt patch set plus its replay sample.
 
 `--quick` shrinks the sample sizes (and trains one epoch, scaled by the epoch count) to finish in
@@ -38,7 +39,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from guardian import attribution, circuit, heads, loop, probe, scoring
+from guardian import attribution, batch, circuit, heads, loop, probe, scoring
 from guardian.judge import Judge
 from guardian.loading import native_bf16
 from guardian.training import LoraSettings
@@ -58,12 +59,13 @@ FILLER = ("Please explain each step in plain words so that a beginner like me ca
 DEFAULT_LOADER = "guardian.loading:load_bundled_judges"
 
 KEYS = ("batch_prompts_per_s", "batch_gflops", "batch_speedup_vs_seed", "probe_p50_ms", "probe_p95_ms",
-        "ig_ms", "patching_grid_s", "head_ablation_s", "cold_start_s", "peak_rss_mb", "lora_update_s")
+        "ig_ms", "patching_grid_s", "head_ablation_s", "cold_start_s", "peak_rss_mb", "lora_update_s", "dataset_5000_s")
 # key -> (target, True if higher is better); keys without a target are not listed
 TARGETS = {
     "batch_prompts_per_s": (250.0, True), "batch_speedup_vs_seed": (3.0, True), "probe_p50_ms": (400.0, False),
     "ig_ms": (250.0, False), "patching_grid_s": (1.5, False), "head_ablation_s": (1.0, False),
     "cold_start_s": (6.0, False), "peak_rss_mb": (1024.0, False), "lora_update_s": (30.0, False),
+    "dataset_5000_s": (60.0, False),
 }
 
 
@@ -77,10 +79,11 @@ class Sizes:
     repeats: int = 5  # timed runs of the patching grid and head ablation (the median is reported)
     lora_examples: int = 300
     lora_epochs_run: int = 3  # epochs actually trained; the time is scaled to LoraSettings().epochs
+    dataset_prompts: int = 5000  # prompts the dataset page scores; the time is scaled to 5,000
 
 
 FULL = Sizes()
-QUICK = Sizes(batch_prompts=500, seed_prompts=100, probe_prompts=5, repeats=2, lora_epochs_run=1)
+QUICK = Sizes(batch_prompts=500, seed_prompts=100, probe_prompts=5, repeats=2, lora_epochs_run=1, dataset_prompts=1000)
 
 
 # ----- inputs ----------------------------------------------------------------------------------
@@ -294,6 +297,17 @@ def measure_lora(judge: Judge, n_examples: int, epochs_run: int, settings: LoraS
             "lora_trained_prompts": update.n_patch + update.n_replay}
 
 
+def measure_dataset_page(base: Judge, lora: Judge, n_prompts: int) -> dict:
+    """Seconds the dataset page takes to score `n_prompts` uploaded prompts with both judges (read,
+    prepare and score, as the page does), scaled to 5,000 prompts."""
+    frame = pd.DataFrame({"prompt": bench_prompts(n_prompts, seed=1)})
+    raw = frame.to_csv(index=False).encode()
+    started = time.perf_counter()
+    table = batch.prepare_table(batch.read_upload(raw), "prompt")
+    batch.score_batch({"base": base, "lora": lora}, table)
+    return {"dataset_5000_s": (time.perf_counter() - started) * 5000 / n_prompts}
+
+
 def measure_fresh_process(loader: str = DEFAULT_LOADER, n_prompts: int = 2000, env: dict | None = None) -> dict:
     """Cold start (a new process imports guardian and loads both judges via `loader`, "module:function")
     and that process's peak RSS after running every analysis once on `n_prompts` batch prompts."""
@@ -347,6 +361,8 @@ def run(base: Judge, lora: Judge, sizes: Sizes = FULL, loader: str = DEFAULT_LOA
     report.update(measure_circuit(base, sizes.repeats))
     say("LoRA update")
     report.update(measure_lora(base, sizes.lora_examples, sizes.lora_epochs_run))
+    say("dataset page")
+    report.update(measure_dataset_page(base, lora, sizes.dataset_prompts))
     say("cold start and peak memory (fresh process)")
     report.update(measure_fresh_process(loader, sizes.batch_prompts))
     return report

@@ -43,8 +43,9 @@ MAX_ZIP_BYTES = 64 * 2**20
 MAX_ZIP_ENTRIES = 16
 MAX_UNZIPPED_BYTES = 256 * 2**20
 MAX_CONFIG_BYTES = 64 * 2**10
-# rank 8, 3 epochs, batch 16, 64 tokens; only the last 3 blocks adapt, so the backward pass is half as long
-DEFAULT_SETTINGS = LoraSettings(learning_rate=1e-3, top_layers=3)
+# rank 8, 3 epochs, batch 16, 64 tokens; only the last 3 blocks adapt, so the backward pass is half as
+# long, and no dropout on the adapters' inputs (peft would copy every input of every adapted layer)
+DEFAULT_SETTINGS = LoraSettings(learning_rate=1e-3, top_layers=3, dropout=0.0)
 
 
 # ----- the patch set -------------------------------------------------------------------------------

@@ -28,9 +28,9 @@ from guardian.metrics import binary_metrics
 from guardian.scoring import score_prompts
 from guardian.training import LoraSettings, train_lora
 
-BASE_SETTINGS = LoraSettings(rank=16, alpha=32, dropout=0.1, target_modules=("query", "key", "value", "dense"),
+BASE_SETTINGS = LoraSettings(rank=16, alpha=32, dropout=0.0, target_modules=("query", "key", "value", "dense"),
                              modules_to_save=("classifier",), epochs=3, learning_rate=1e-3, batch_size=32, seed=0)
-LORA_SETTINGS = LoraSettings(rank=8, alpha=16, dropout=0.05, target_modules=("query", "value", "dense"),
+LORA_SETTINGS = LoraSettings(rank=8, alpha=16, dropout=0.0, target_modules=("query", "value", "dense"),
                              epochs=4, learning_rate=5e-4, batch_size=16, seed=1)
 VALIDATION_SHARE = 0.1
 PATCH_HOLDOUT_SHARE = 0.25

@@ -13,7 +13,7 @@ from guardian import bench
 from guardian.loading import backbone_path
 
 TINY = bench.Sizes(batch_prompts=40, seed_prompts=10, probe_prompts=2, repeats=1, lora_examples=16,
-                   lora_epochs_run=1)
+                   lora_epochs_run=1, dataset_prompts=30)
 
 
 def tiny_judges():
