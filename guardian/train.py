@@ -17,25 +17,33 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from guardian import augment, datasets
-from guardian.loading import BASE_DELTA_DIR, JUDGES_DIR, LORA_ADAPTER_DIR, MANIFEST_PATH, _judge, load_backbone_classifier, load_bundled_base
+from guardian.loading import (BASE_DELTA_DIR, JUDGES_DIR, LORA_ADAPTER_DIR, MANIFEST_PATH, _judge, load_backbone_classifier,
+                              load_bundled_base, native_bf16)
 from guardian.metrics import binary_metrics
 from guardian.scoring import score_prompts
 from guardian.training import LoraSettings, train_lora
 
 BASE_SETTINGS = LoraSettings(rank=16, alpha=32, dropout=0.0, target_modules=("query", "key", "value", "dense"),
-                             modules_to_save=("classifier",), epochs=3, learning_rate=1e-3, batch_size=32, seed=0)
+                             modules_to_save=("classifier",), epochs=3, learning_rate=1e-3, batch_size=32, max_tokens=128,
+                             seed=0)
 LORA_SETTINGS = LoraSettings(rank=8, alpha=16, dropout=0.0, target_modules=("query", "value", "dense"),
-                             epochs=4, learning_rate=5e-4, batch_size=16, seed=1)
+                             epochs=4, learning_rate=5e-4, batch_size=16, max_tokens=128, seed=1)
 VALIDATION_SHARE = 0.1
 PATCH_HOLDOUT_SHARE = 0.25
 REPLAY_PER_PATCH = 2
 TEMPLATED_PER_LABEL = 200
+
+
+def on_this_cpu(settings: LoraSettings) -> LoraSettings:
+    """`settings` with bfloat16 matrix products where this CPU has them natively (about twice as fast)."""
+    return replace(settings, bfloat16=native_bf16())
 
 
 def _progress(epoch: int, step: int, total: int, loss: float) -> None:
@@ -72,7 +80,8 @@ def train_base() -> dict:
     print(f"base judge: {len(train)} training prompts, {len(validation)} held back for validation", flush=True)
     model, tokenizer = load_backbone_classifier()
     started = time.time()
-    peft_model = train_lora(model, tokenizer, train["prompt"].tolist(), train["label"].tolist(), BASE_SETTINGS, _progress)
+    settings = on_this_cpu(BASE_SETTINGS)
+    peft_model = train_lora(model, tokenizer, train["prompt"].tolist(), train["label"].tolist(), settings, _progress)
     seconds = time.time() - started
     artifacts = _save_adapter(peft_model, BASE_DELTA_DIR, "sentence-transformers/all-MiniLM-L6-v2")
     merged, tokenizer = load_bundled_base()
@@ -83,7 +92,7 @@ def train_base() -> dict:
         "counts": {"hand_written": len(data), "train": len(train), "validation": len(validation),
                    "unsafe": int(data["label"].sum()), "safe": int((data["label"] == 0).sum()),
                    "templated": 0, "categories": int(data["category"].nunique())},
-        "settings": {**BASE_SETTINGS.to_dict(), "validation_share": VALIDATION_SHARE},
+        "settings": {**settings.to_dict(), "validation_share": VALIDATION_SHARE},
         "metrics": {"validation": _metrics(judge, validation)},
         "train_seconds": round(seconds, 1),
     }
@@ -119,7 +128,8 @@ def train_patch() -> dict:
           f"+ {len(templated)} templated; "
           f"{len(patch_held)} patch prompts held back", flush=True)
     started = time.time()
-    peft_model = train_lora(base_model, tokenizer, mix["prompt"].tolist(), mix["label"].tolist(), LORA_SETTINGS, _progress)
+    settings = on_this_cpu(LORA_SETTINGS)
+    peft_model = train_lora(base_model, tokenizer, mix["prompt"].tolist(), mix["label"].tolist(), settings, _progress)
     seconds = time.time() - started
     artifacts = _save_adapter(peft_model, LORA_ADAPTER_DIR, "guardian base judge")
     lora = _judge("lora", peft_model.merge_and_unload(), tokenizer)
@@ -128,7 +138,7 @@ def train_patch() -> dict:
         "data": {name: datasets.sha256_file(datasets.DATA_DIR / name) for name in (datasets.PATCH_FILE, *datasets.base_files())},
         "counts": {"patch": len(patch), "patch_train": len(patch_train), "patch_held_back": len(patch_held),
                    "replay": len(replay), "templated": len(templated)},
-        "settings": {**LORA_SETTINGS.to_dict(), "patch_holdout_share": PATCH_HOLDOUT_SHARE, "replay_per_patch": REPLAY_PER_PATCH,
+        "settings": {**settings.to_dict(), "patch_holdout_share": PATCH_HOLDOUT_SHARE, "replay_per_patch": REPLAY_PER_PATCH,
                      "templated_per_label": TEMPLATED_PER_LABEL},
         "metrics": {"patch_held_back": held_back_fixes(base, lora, patch_held),
                     "validation": {"base": _metrics(base, validation), "lora": _metrics(lora, validation)}},
