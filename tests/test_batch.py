@@ -17,12 +17,14 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 import numpy as np
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
 import guardian.evaluate
 from guardian import batch, export
 from guardian.datasets import DataError
+from guardian.scoring import score_prompts
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = str(ROOT / "streamlit_app.py")
@@ -235,14 +237,17 @@ def test_page_shows_metrics_charts_and_links_on_the_sample(bundled_judges, count
 
 
 def test_moving_the_threshold_recomputes_without_scoring_again(bundled_judges, counted_scoring):
+    prompts = pd.read_csv(batch.DATA_DIR / "suite.csv", keep_default_na=False)["prompt"].tolist()
+    p_base = score_prompts(bundled_judges[0], prompts).p_unsafe
+    thresholds = (0.01, 0.5, 0.99)
+    assert len({int((p_base >= t).sum()) for t in thresholds}) > 1, "the sample must span the thresholds"
     at = batch_page()
-    seen = [{m.label: m.value for m in at.metric}]
-    for value in (0.05, 0.95):
+    for value in thresholds:
         at.slider(key="_batch_threshold").set_value(value).run()
         assert_clean(at)
-        seen.append({m.label: m.value for m in at.metric})
+        shown = {m.label: m.value for m in at.metric}
+        assert shown["Flagged unsafe, Base judge"] == str(int((p_base >= value).sum())), value
     assert counted_scoring == [48, 48], "the threshold never re-scores"
-    assert seen[1] != seen[0] and seen[1] != seen[2], "the numbers follow the threshold"
     label = next(s for s in at.selectbox if s.label == "Label column (optional)")
     label.set_value("(none)").run()
     assert_clean(at)
