@@ -29,6 +29,7 @@ from guardian import datasets
 from guardian.datasets import DataError
 from guardian.judge import CHARS_PER_TOKEN_CAP, Judge
 from guardian.loading import _judge, apply_adapter
+from guardian.runtime import release_free_memory
 from guardian.scoring import THRESHOLD, score_prompts
 from guardian.train import REPLAY_PER_PATCH, VALIDATION_SHARE
 from guardian.training import LoraSettings, TrainProgress, lora_targets, train_lora
@@ -234,13 +235,15 @@ def train_update(base: Judge, patch: pd.DataFrame, settings: LoraSettings = DEFA
     del peft_model  # only one extra model copy at a time: the trained copy goes before the merged one
     seconds = time.perf_counter() - started
     judge = load_adapter_files(base, files)
-    return Update(
+    update = Update(
         judge=judge, adapter_files=files, settings=settings,
         patch=before_after("patch set", base, judge, rows["prompt"].tolist(), rows["label"].to_numpy()),
         regression=before_after("regression sample", base, judge, regression["prompt"].tolist(),
                                 regression["label"].astype(int).to_numpy()),
         n_patch=len(rows), n_replay=len(replay), losses=tuple(losses), seconds=seconds,
     )
+    release_free_memory()  # the training's buffers go back to the system, not kept for the next job
+    return update
 
 
 def before_after(name: str, before: Judge, after: Judge, prompts: list[str], labels: np.ndarray) -> BeforeAfter:

@@ -37,3 +37,17 @@ def limit_heap_retention(trim_threshold: int = TRIM_THRESHOLD, mmap_threshold: i
                     and libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)))
     except (OSError, AttributeError):  # another C library (musl) has no mallopt
         return False
+
+
+def release_free_memory() -> bool:
+    """Hand freed heap memory back to the system now (glibc's `malloc_trim`); False where not glibc.
+
+    Worth calling after a large job (training an update, scoring a big file): the job's freed
+    buffers otherwise stay resident until the heap is reused.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -84,3 +84,4 @@ def test_heap_settings_are_accepted_by_glibc():
     from guardian.runtime import limit_heap_retention
 
     assert limit_heap_retention() is True  # both mallopt calls succeeded
+
