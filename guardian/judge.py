@@ -227,13 +227,32 @@ class Judge:
     def verdict_logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Class logits for verdicts only (no hooks, no attentions), computed in `verdict_dtype`.
 
-        With bfloat16 the pass runs under CPU autocast: matrix products in bfloat16, norms and
-        softmax in float32. Every analysis that explains a score uses `logits` (float32).
+        With bfloat16 the pass runs under CPU autocast (matrix products in bfloat16, norms and
+        softmax in float32) with fused attention. Every analysis that explains a score uses
+        `logits` (float32, eager attention), as do float32 verdicts.
         """
         if self.verdict_dtype == torch.float32:
-            return self.logits(inputs)
-        with self.lock, torch.autocast("cpu", dtype=self.verdict_dtype):
+            return self.logits(inputs)  # exactly what the explanations compute
+        with self.lock, self._fused_attention(), torch.autocast("cpu", dtype=self.verdict_dtype):
             return self.model(**inputs).logits.float()
+
+    @contextmanager
+    def _fused_attention(self) -> Iterator[None]:
+        """Run the model with PyTorch's fused attention (SDPA) where it supports it, then go back.
+
+        Explanations need eager attention (it returns the attention weights); a verdict does not,
+        and SDPA never holds a whole attention matrix in memory. The attention kernel is read from
+        the config on every forward pass, so the switch is made and undone under the judge's lock.
+        """
+        config = self.model.config
+        if not getattr(self.model, "_supports_sdpa", False) or getattr(config, "_attn_implementation", None) != "eager":
+            yield
+            return
+        config._attn_implementation = "sdpa"
+        try:
+            yield
+        finally:
+            config._attn_implementation = "eager"
 
     # ----- hooks -----------------------------------------------------------------------------
     @contextmanager

@@ -58,6 +58,24 @@ def test_bfloat16_verdicts_are_close_and_leave_analyses_in_float32(tiny_judge):
     assert fast.leftover_hooks() == []
 
 
+def test_bfloat16_verdicts_use_fused_attention_and_leave_the_model_eager(tiny_judge):
+    fast = dataclasses.replace(tiny_judge, verdict_dtype=torch.bfloat16)
+    inputs = tiny_judge.encode(PROMPTS).inputs
+    seen = []
+    handle = tiny_judge.model.register_forward_pre_hook(
+        lambda module, args: seen.append(module.config._attn_implementation))
+    try:
+        fast.verdict_logits(inputs)
+        tiny_judge.verdict_logits(inputs)
+    finally:
+        handle.remove()
+    assert seen == ["sdpa", "eager"], "bfloat16 verdicts fused, float32 verdicts exactly as explained"
+    assert tiny_judge.model.config._attn_implementation == "eager"
+    with tiny_judge.lock, torch.inference_mode():
+        attentions = tiny_judge.model(**inputs, output_attentions=True).attentions
+    assert all(a is not None for a in attentions), "analyses still get attention weights"
+
+
 def test_precision_setting(monkeypatch):
     monkeypatch.setenv(loading.ENV_PRECISION, "float32")
     assert loading.bundled_verdict_dtype() == torch.float32
