@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 
 from guardian.datasets import DATA_DIR, DataError, read_prompt_table
-from guardian.runtime import release_free_memory
 from guardian.evaluate import ALL, group_metrics, labelled_prompts, results_frame, score_judges
 from guardian.judge import Judge
 from guardian.metrics import THRESHOLD, confusion, precision_recall_curve
@@ -169,6 +168,4 @@ class ScoredBatch:
 def score_batch(judges: dict[str, Judge], table: pd.DataFrame,
                 progress: Callable[[str, int, int], None] | None = None) -> ScoredBatch:
     """Score a table from `prepare_table` with every judge (progress(judge, done, total) per batch)."""
-    scores = score_judges(judges, table["prompt"].tolist(), progress)
-    release_free_memory()  # a big file's batch buffers go back to the system
-    return ScoredBatch.from_table(table, scores)
+    return ScoredBatch.from_table(table, score_judges(judges, table["prompt"].tolist(), progress))

@@ -15,10 +15,12 @@ import pandas as pd
 import torch
 
 from guardian.judge import CHARS_PER_TOKEN_CAP, Judge, JudgeError
+from guardian.runtime import release_free_memory
 
 THRESHOLD = 0.5
 TOKENS_PER_BATCH = 2048  # rows x padded length of one batch: bounds memory for long prompts
 MAX_LENGTH_RATIO = 1.5  # longest / shortest prompt in one batch
+LARGE_JOB = 256  # prompts; after scoring this many, freed memory is handed back to the system
 Progress = Callable[[int, int], None]  # (prompts done, prompts in all)
 
 
@@ -98,6 +100,8 @@ def score_prompts(judge: Judge, texts: Sequence[str], batch_size: int = 64,
         done += len(index)
         if progress is not None:
             progress(done, n)
+    if n >= LARGE_JOB:
+        release_free_memory()  # the batches' freed buffers go back to the system, not kept resident
     return Scores(prompts=tuple(texts), p_unsafe=p_unsafe, truncated=np.array(tokenized.truncated, dtype=bool))
 
 
