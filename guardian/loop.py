@@ -22,8 +22,8 @@ from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import numpy as np
-import torch
 import pandas as pd
+import torch
 
 from guardian import datasets
 from guardian.datasets import DataError

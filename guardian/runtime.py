@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -27,16 +28,23 @@ TRIM_THRESHOLD = 1 << 20  # hand back free heap memory above 1 MiB
 MMAP_THRESHOLD = 32 << 20  # blocks above 32 MiB get their own mapping; smaller ones reuse heap memory
 
 
-def limit_heap_retention(trim_threshold: int = TRIM_THRESHOLD, mmap_threshold: int = MMAP_THRESHOLD) -> bool:
-    """Make glibc return freed heap memory above `trim_threshold` bytes; False where not glibc."""
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (it has `mallopt` and `malloc_trim`), else None."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(M_TRIM_THRESHOLD, int(trim_threshold))
-                    and libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)))
-    except (OSError, AttributeError):  # another C library (musl) has no mallopt
-        return False
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:  # another C library (musl) may have neither
+        return None
+
+
+def limit_heap_retention(trim_threshold: int = TRIM_THRESHOLD, mmap_threshold: int = MMAP_THRESHOLD) -> bool:
+    """Make glibc return freed heap memory above `trim_threshold` bytes; False where not glibc."""
+    libc = _glibc()
+    return libc is not None and bool(libc.mallopt(M_TRIM_THRESHOLD, int(trim_threshold))
+                                     and libc.mallopt(M_MMAP_THRESHOLD, int(mmap_threshold)))
 
 
 def release_free_memory() -> bool:
@@ -45,9 +53,5 @@ def release_free_memory() -> bool:
     Worth calling after a large job (training an update, scoring a big file): the job's freed
     buffers otherwise stay resident until the heap is reused.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+    libc = _glibc()
+    return libc is not None and bool(libc.malloc_trim(0))

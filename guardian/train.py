@@ -104,12 +104,12 @@ def train_base() -> dict:
 def held_back_fixes(base, lora, patch_held: pd.DataFrame) -> dict:
     """Both judges on the held-back patch prompts, and how many of the base judge's errors the LoRA judge fixes."""
     labels = patch_held["label"].to_numpy()
-    base_pred = (score_prompts(base, patch_held["prompt"].tolist()).p_unsafe >= 0.5).astype(int)
-    lora_pred = (score_prompts(lora, patch_held["prompt"].tolist()).p_unsafe >= 0.5).astype(int)
-    base_wrong = base_pred != labels
-    fixed = int((base_wrong & (lora_pred == labels)).sum())
-    broken = int((~base_wrong & (lora_pred != labels)).sum())
-    return {"base": _metrics(base, patch_held), "lora": _metrics(lora, patch_held),
+    p_base, p_lora = (score_prompts(j, patch_held["prompt"].tolist()).p_unsafe for j in (base, lora))
+    base_wrong = (p_base >= 0.5).astype(int) != labels
+    lora_right = (p_lora >= 0.5).astype(int) == labels
+    fixed = int((base_wrong & lora_right).sum())
+    broken = int((~base_wrong & ~lora_right).sum())
+    return {"base": binary_metrics(labels, p_base), "lora": binary_metrics(labels, p_lora),
             "base_errors": int(base_wrong.sum()), "fixed": fixed, "broken": broken,
             "fix_rate": round(fixed / max(1, int(base_wrong.sum())), 4)}
 
